@@ -1,0 +1,327 @@
+"""Frozen configs that read and write diffusers' ``config.json``.
+
+A config is the set of constructor arguments of a scheduler or a model, exactly as diffusers
+names them, plus the bookkeeping keys ``_class_name`` and ``_diffusers_version``. jaxdiff keeps
+configs immutable (:class:`FrozenConfig`): changing a scheduler means building a new one,
+``DDIMScheduler.from_config(pipe.scheduler.config, eta=...)``, as in diffusers.
+
+Two kinds of objects carry a config:
+
+* schedulers subclass :class:`ConfigMixin` and decorate ``__init__`` with
+  :func:`register_to_config`: the call's arguments (defaults filled in) become ``self.config``;
+* Flax Linen models subclass :class:`ModelConfigMixin`: the dataclass fields *are* the config,
+  so ``model.config`` is derived from the module itself.
+
+Keys a class does not know are tolerated: they are reported once with a warning and kept in
+``config`` so that ``save_config`` writes them back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxdiff import __diffusers_version__ as _DIFFUSERS_VERSION
+from jaxdiff import hub
+
+CONFIG_NAME = "config.json"
+# Keys that describe a file, not the object: never passed to a constructor.
+_BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+
+
+def _jsonable(value: Any) -> Any:
+    """Turns tuples, numpy and jax values into plain JSON values (lists, floats, ints)."""
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return np.asarray(value).tolist()
+    if hasattr(value, "dtype") and hasattr(value, "name") and not isinstance(value, str):
+        return str(np.dtype(value))
+    return value
+
+
+class FrozenConfig(Mapping):
+    """An immutable mapping with attribute access that prints as JSON, like diffusers' FrozenDict.
+
+    >>> cfg = FrozenConfig({"num_train_timesteps": 1000}, class_name="DDPMScheduler")
+    >>> cfg.num_train_timesteps
+    1000
+    >>> cfg.num_train_timesteps = 10
+    Traceback (most recent call last):
+    ...
+    AttributeError: DDPMScheduler.config is frozen: ...
+    """
+
+    __slots__ = ("_data", "_class_name")
+
+    def __init__(self, data: Mapping[str, Any], class_name: str | None = None):
+        object.__setattr__(self, "_data", dict(data))
+        object.__setattr__(self, "_class_name", class_name or data.get("_class_name", "Config"))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._data[name]
+        except KeyError:
+            raise AttributeError(f"{self._class_name}.config has no field {name!r}") from None
+
+    def _frozen(self, *args, **kwargs):
+        raise AttributeError(
+            f"{self._class_name}.config is frozen: build a new object instead, e.g. "
+            f"`{self._class_name}.from_config(obj.config, field=value)`."
+        )
+
+    __setattr__ = __setitem__ = __delattr__ = __delitem__ = _frozen
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-ready copy of the config."""
+        return _jsonable(self._data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __repr__(self) -> str:
+        return f"{self._class_name} {self.to_json_string()}"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return self.to_dict() == _jsonable(dict(other))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.to_json_string())
+
+
+def _accepted_keys(cls: type) -> tuple[list[str], dict[str, Any], list[str]]:
+    """(all config keys in order, defaults, required keys) of a config class."""
+    if dataclasses.is_dataclass(cls):
+        fields = [f for f in dataclasses.fields(cls) if f.name not in cls._non_config_fields]
+        names = [f.name for f in fields]
+        defaults = {}
+        required = []
+        for f in fields:
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+            else:
+                required.append(f.name)
+        return names, defaults, required
+    init = getattr(cls.__init__, "__wrapped__", cls.__init__)
+    params = list(inspect.signature(init).parameters.values())[1:]
+    names, defaults, required = [], {}, []
+    for p in params:
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in cls._non_config_fields:
+            continue
+        names.append(p.name)
+        if p.default is inspect.Parameter.empty:
+            required.append(p.name)
+        else:
+            defaults[p.name] = p.default
+    return names, defaults, required
+
+
+def split_config(cls: type, config: Mapping[str, Any], **overrides) -> tuple[dict, dict]:
+    """Splits a config dict into (constructor kwargs, unknown keys kept for the round trip).
+
+    Raises:
+        ValueError: when a required field is missing, naming every missing field.
+    """
+    names, _, required = _accepted_keys(cls)
+    merged = {k: v for k, v in dict(config).items() if k not in _BOOKKEEPING}
+    merged.update(overrides)
+    kwargs = {k: v for k, v in merged.items() if k in names}
+    unknown = {k: v for k, v in merged.items() if k not in names and not k.startswith("_")}
+    missing = [k for k in required if k not in kwargs]
+    if missing:
+        raise ValueError(
+            f"{cls.__name__} config is missing required field(s) {missing}; "
+            f"the config has {sorted(merged)}."
+        )
+    if unknown:
+        warnings.warn(
+            f"{cls.__name__} does not use the config field(s) {sorted(unknown)}: they are "
+            "ignored, and kept in `.config` so that save_config writes them back.",
+            stacklevel=3,
+        )
+    return kwargs, unknown
+
+
+def load_config(
+    pretrained_model_name_or_path: str | os.PathLike,
+    subfolder: str | None = None,
+    config_name: str = CONFIG_NAME,
+    **hub_kwargs,
+) -> dict[str, Any]:
+    """Reads a diffusers/transformers config file from a local folder or a Hub repo.
+
+    ``pretrained_model_name_or_path`` may also name the JSON file itself.
+    """
+    path = os.fspath(pretrained_model_name_or_path)
+    if os.path.isfile(path):
+        config_file = path
+    else:
+        config_file = hub.resolve_file(path, config_name, subfolder=subfolder, **hub_kwargs)
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+class _ConfigBase:
+    """What schedulers and models share: loading, saving, ``from_config``."""
+
+    config_name: str = CONFIG_NAME
+    _non_config_fields: tuple[str, ...] = ()
+
+    @classmethod
+    def _config_dict(cls, config: Mapping[str, Any] | Any) -> dict[str, Any]:
+        if isinstance(config, _ConfigBase):
+            config = config.config
+        if not isinstance(config, Mapping):
+            raise TypeError(
+                f"{cls.__name__}.from_config expects a dict, a FrozenConfig or an object with "
+                f"`.config`, got {type(config).__name__}"
+            )
+        return dict(config)
+
+    def save_config(self, save_directory: str | os.PathLike) -> str:
+        """Writes ``self.config`` as ``save_directory/<config_name>``; returns the file's path."""
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file, expected a folder")
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, self.config_name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.config.to_json_string())
+        return path
+
+
+def _make_frozen(cls: type, values: Mapping[str, Any], extra: Mapping[str, Any]) -> FrozenConfig:
+    data = {"_class_name": cls.__name__, "_diffusers_version": _DIFFUSERS_VERSION}
+    data.update(values)
+    data.update(extra)
+    return FrozenConfig(data, class_name=cls.__name__)
+
+
+class ConfigMixin(_ConfigBase):
+    """Config handling for plain Python objects (schedulers). Decorate ``__init__`` with
+    :func:`register_to_config`."""
+
+    config_name = "scheduler_config.json"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | Any = None, **overrides):
+        """Builds the object from a config dict, a ``FrozenConfig`` or another object's config.
+
+        Keys of another class (``DDPMScheduler.from_config(ddim.config)``) that this class does
+        not use are kept quietly: swapping schedulers is the documented use.
+        """
+        config = cls._config_dict(config if config is not None else {})
+        if config.get("_class_name", cls.__name__) != cls.__name__:
+            names, _, _ = _accepted_keys(cls)
+            config = {k: v for k, v in config.items() if k in names}
+        kwargs, unknown = split_config(cls, config, **overrides)
+        obj = cls(**kwargs)
+        if unknown:
+            obj._register_config(dict(obj.config), unknown)
+        return obj
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        **kwargs,
+    ):
+        """Loads ``<repo or folder>/<subfolder>/<config_name>`` (e.g. ``subfolder="scheduler"``)."""
+        hub_kwargs = hub.pop_hub_kwargs(kwargs)
+        config = load_config(
+            pretrained_model_name_or_path, subfolder, cls.config_name, **hub_kwargs
+        )
+        return cls.from_config(config, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        return self.save_config(save_directory)
+
+    def _register_config(self, values: Mapping[str, Any], extra: Mapping[str, Any] = ()) -> None:
+        values = {k: v for k, v in values.items() if k not in _BOOKKEEPING}
+        object.__setattr__(self, "_config", _make_frozen(type(self), values, dict(extra)))
+
+    @property
+    def config(self) -> FrozenConfig:
+        return self._config
+
+    def __repr__(self) -> str:
+        return repr(self.config)
+
+
+def register_to_config(init):
+    """Decorator for ``__init__``: stores every argument (defaults filled in) as ``self.config``."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        bound = inspect.signature(init).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = {k: v for k, v in list(bound.arguments.items())[1:]}
+        values = {
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in values.items()
+            if k not in type(self)._non_config_fields
+        }
+        self._register_config(values)
+        init(self, *args, **kwargs)
+
+    return wrapper
+
+
+class ModelConfigMixin(_ConfigBase):
+    """Config handling for Flax Linen modules: the dataclass fields are the config.
+
+    ``dtype``, ``param_dtype``, ``parent`` and ``name`` are how a module runs, not what it is,
+    and are not part of the config.
+    """
+
+    _non_config_fields = ("dtype", "param_dtype", "parent", "name", "attention_chunk_size")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | Any = None, **kwargs):
+        """Builds the module (no weights) from a config; ``dtype=`` etc. pass through."""
+        config = cls._config_dict(config if config is not None else {})
+        runtime = {k: kwargs.pop(k) for k in list(kwargs) if k in cls._non_config_fields}
+        init_kwargs, unknown = split_config(cls, config, **kwargs)
+        names, _, _ = _accepted_keys(cls)
+        init_kwargs = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in init_kwargs.items() if k in names
+        }
+        module = cls(**init_kwargs, **runtime)
+        object.__setattr__(module, "_extra_config", unknown)
+        return module
+
+    @property
+    def config(self) -> FrozenConfig:
+        names, _, _ = _accepted_keys(type(self))
+        values = {k: getattr(self, k) for k in names}
+        return _make_frozen(type(self), values, getattr(self, "_extra_config", {}))

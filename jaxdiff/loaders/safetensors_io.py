@@ -1,0 +1,130 @@
+"""safetensors files <-> dicts of numpy arrays, with clear errors, bf16 included.
+
+The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length
+N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__"}``,
+then the raw little-endian tensor bytes. jaxdiff reads it itself so that a truncated or corrupt
+file is reported by name, and bf16 (via ``ml_dtypes``, a jax dependency) needs no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file that cannot be read: truncated, corrupt or of an unknown dtype."""
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """Returns (header dict, byte offset where tensor data starts)."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise SafetensorsError(f"{path} is not a safetensors file: it has only {size} bytes")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise SafetensorsError(
+                f"{path} is truncated or corrupt: its header claims {n} bytes but the file "
+                f"has {size}"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SafetensorsError(f"{path} is corrupt: its header is not JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path} is corrupt: its header is not a JSON object")
+    return header, 8 + n
+
+
+def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads every tensor of a safetensors file as a numpy array (memory-mapped, read-only).
+
+    Raises:
+        SafetensorsError: the file is truncated, corrupt, or holds an unsupported dtype.
+    """
+    path = os.fspath(path)
+    header, start = read_header(path)
+    size = os.path.getsize(path)
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise SafetensorsError(
+                f"{path} is corrupt or uses an unsupported dtype: tensor {name!r} has header "
+                f"{info!r}; supported dtypes are {sorted(_DTYPES)}"
+            ) from err
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != nbytes or start + end > size:
+            raise SafetensorsError(
+                f"{path} is truncated or corrupt: tensor {name!r} ({info['dtype']} {list(shape)}) "
+                f"needs bytes {begin}..{end} of the data section, which has {size - start}"
+            )
+        out[name] = data[start + begin : start + end].view(dtype).reshape(shape)
+    return out
+
+
+def save_file(
+    tensors: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Writes numpy (or jax) arrays as a safetensors file that torch/safetensors can read.
+
+    The file is written to a temporary name and renamed, so a crash never leaves half a file.
+    """
+    path = os.fspath(path)
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    arrays = {}
+    offset = 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(np.asarray(tensors[name]))
+        if arr.dtype.newbyteorder("<") != arr.dtype and arr.dtype.itemsize > 1:
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        key = np.dtype(arr.dtype).newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
+        if key not in _NAMES:
+            raise TypeError(f"tensor {name!r} has dtype {arr.dtype}, which safetensors cannot store")
+        header[name] = {
+            "dtype": _NAMES[key],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        arrays[name] = arr
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in sorted(arrays):
+            f.write(arrays[name].tobytes())
+    os.replace(tmp, path)

@@ -1,0 +1,226 @@
+r"""What the schedulers share: noise schedules, the ε / x̂₀ / v conversions, thresholding.
+
+The forward process of Ho et al. (2020), Eq. 4, in closed form:
+
+.. math:: q(x_t \mid x_0) = \mathcal N\big(\sqrt{\bar\alpha_t}\,x_0,\ (1-\bar\alpha_t) I\big),
+          \qquad \bar\alpha_t = \prod_{s \le t} (1 - \beta_s).
+
+A network may predict the noise ε (``"epsilon"``), the clean sample x₀ (``"sample"``) or the
+velocity :math:`v = \sqrt{\bar\alpha_t}\,ε - \sqrt{1-\bar\alpha_t}\,x_0` (``"v_prediction"``,
+Salimans & Ho 2022, Sec. 4). :func:`x0_hat_eps_hat` turns any of them into both x̂₀ and ε̂;
+it is written once here and used by every scheduler.
+
+Schedules are computed in numpy float32 with the same operations as diffusers (PyTorch
+float32), so ``alpha_bar`` matches it to the last bit or two; the arrays go into the jitted
+state as fp32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxdiff.configuration import ConfigMixin
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+@struct.dataclass
+class SchedulerOutput:
+    """What ``step`` returns: x_{t-1}, the new state, and x̂₀ where the algorithm has one."""
+
+    prev_sample: jax.Array
+    state: Any
+    pred_original_sample: jax.Array | None = None
+
+
+def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    r"""The cosine schedule of Nichol & Dhariwal (2021), Eq. 17:
+    :math:`\bar\alpha(t) = \cos^2\big(\frac{t + 0.008}{1.008}\frac{\pi}{2}\big)`,
+    :math:`\beta_i = \min\big(1 - \bar\alpha(\frac{i+1}{T}) / \bar\alpha(\frac{i}{T}),\ \beta_{max}\big)`."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    n = num_diffusion_timesteps
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+    return np.asarray(betas, dtype=np.float32)
+
+
+def make_betas(
+    beta_schedule: str,
+    num_train_timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    trained_betas: Any = None,
+) -> np.ndarray:
+    """β_1..β_T (float32) for a diffusers ``beta_schedule`` or explicit ``trained_betas``."""
+    if trained_betas is not None:
+        betas = np.asarray(trained_betas, dtype=np.float32)
+        if betas.ndim != 1 or betas.shape[0] != num_train_timesteps:
+            raise ValueError(
+                f"trained_betas must be a 1-D list of num_train_timesteps={num_train_timesteps} "
+                f"values, got shape {betas.shape}"
+            )
+        return betas
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)
+    if beta_schedule == "scaled_linear":
+        # Latent diffusion (Rombach et al. 2022): linear in sqrt(beta).
+        root = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float32)
+        return root**2
+    if beta_schedule == "squaredcos_cap_v2":
+        return betas_for_alpha_bar(num_train_timesteps)
+    raise ValueError(
+        f"beta_schedule must be one of {BETA_SCHEDULES} (or pass trained_betas), "
+        f"got {beta_schedule!r}"
+    )
+
+
+def alpha_bar_from_betas(betas: np.ndarray) -> np.ndarray:
+    r""":math:`\bar\alpha_t = \prod_{s\le t}(1-\beta_s)` in float32, accumulated in order."""
+    return np.cumprod(1.0 - betas, dtype=np.float32)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int) -> int:
+    """Validates ``num_inference_steps`` (a Python int, 1..num_train_timesteps)."""
+    if isinstance(num_inference_steps, bool) or not isinstance(
+        num_inference_steps, (int, np.integer)
+    ):
+        raise TypeError(
+            f"num_inference_steps must be a Python int, got {type(num_inference_steps).__name__}"
+        )
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must be between 1 and num_train_timesteps="
+            f"{num_train_timesteps}, got {num_inference_steps}"
+        )
+    return int(num_inference_steps)
+
+
+def check_sample(sample: jax.Array, name: str = "sample") -> None:
+    """Samples are batched NHWC images or latents (rank 4) or, for toy problems, rank >= 1."""
+    if jnp.ndim(sample) < 1:
+        raise ValueError(f"{name} must be an array with a batch axis, got a scalar")
+
+
+def bcast(x: jax.Array, like: jax.Array) -> jax.Array:
+    """Reshapes a per-example (B,) or scalar coefficient to broadcast against ``like``."""
+    x = jnp.asarray(x)
+    return x.reshape(x.shape + (1,) * (jnp.ndim(like) - x.ndim))
+
+
+def x0_hat_eps_hat(
+    prediction_type: str, model_output: jax.Array, x_t: jax.Array, alpha_bar_t: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    r"""Converts a model output into (x̂₀, ε̂) at noise level :math:`\bar\alpha_t`.
+
+    * ε-prediction: :math:`\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\hat\epsilon)/\sqrt{\bar\alpha_t}`
+      (Ho et al. 2020, Eq. 15);
+    * x₀-prediction: :math:`\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0)/\sqrt{1-\bar\alpha_t}`;
+    * v-prediction: :math:`\hat x_0 = \sqrt{\bar\alpha_t}\,x_t - \sqrt{1-\bar\alpha_t}\,\hat v`,
+      :math:`\hat\epsilon = \sqrt{\bar\alpha_t}\,\hat v + \sqrt{1-\bar\alpha_t}\,x_t`
+      (Salimans & Ho 2022, Sec. 4).
+    """
+    a = bcast(alpha_bar_t, x_t)
+    sqrt_a, sqrt_1ma = jnp.sqrt(a), jnp.sqrt(1 - a)
+    if prediction_type == "epsilon":
+        eps_hat = model_output
+        x0_hat = (x_t - sqrt_1ma * eps_hat) / sqrt_a
+    elif prediction_type == "sample":
+        x0_hat = model_output
+        eps_hat = (x_t - sqrt_a * x0_hat) / sqrt_1ma
+    elif prediction_type == "v_prediction":
+        x0_hat = sqrt_a * x_t - sqrt_1ma * model_output
+        eps_hat = sqrt_a * model_output + sqrt_1ma * x_t
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return x0_hat, eps_hat
+
+
+def threshold_sample(x0_hat: jax.Array, ratio: float, max_value: float) -> jax.Array:
+    r"""Dynamic thresholding (Saharia et al. 2022, Sec. 2.3): per example, s is the
+    ``ratio`` quantile of :math:`|\hat x_0|`, clamped to [1, max_value]; then
+    :math:`\hat x_0 \leftarrow \mathrm{clip}(\hat x_0, -s, s) / s`."""
+    flat = x0_hat.reshape(x0_hat.shape[0], -1).astype(jnp.float32)
+    s = jnp.quantile(jnp.abs(flat), ratio, axis=1)
+    s = jnp.clip(s, 1.0, max_value)[:, None]
+    return (jnp.clip(flat, -s, s) / s).reshape(x0_hat.shape).astype(x0_hat.dtype)
+
+
+def resolve_noise(
+    key: jax.Array | None, noise: jax.Array | None, like: jax.Array, who: str
+) -> jax.Array:
+    """The Gaussian noise of a stochastic step: ``noise`` if given, else drawn from ``key``."""
+    if noise is not None:
+        return jnp.asarray(noise, like.dtype)
+    if key is None:
+        raise ValueError(
+            f"{who}.step is stochastic and needs a PRNG key: pass key=jax.random.key(seed) "
+            "(or noise=... to inject the noise yourself)."
+        )
+    return jax.random.normal(key, like.shape, like.dtype)
+
+
+class SchedulerMixin(ConfigMixin):
+    """Base of every scheduler: config, ``compatibles``, and the training-time forward process.
+
+    A scheduler object holds only its frozen config and schedule arrays derived from it;
+    everything that changes while sampling lives in the state that ``set_timesteps`` returns.
+    """
+
+    config_name = "scheduler_config.json"
+    _compatibles: tuple[str, ...] = ()
+    order: int = 1
+
+    def _init_schedule(self) -> None:
+        """Sets ``self.betas`` and ``self.alphas_cumprod`` (float32 numpy) from the config."""
+        c = self.config
+        self.betas = make_betas(
+            c.beta_schedule, c.num_train_timesteps, c.beta_start, c.beta_end, c.trained_betas
+        )
+        self.alphas = (1.0 - self.betas).astype(np.float32)
+        self.alphas_cumprod = alpha_bar_from_betas(self.betas)
+
+    @property
+    def compatibles(self) -> list[type]:
+        """The scheduler classes that can be built from this one's config."""
+        from jaxdiff import schedulers
+
+        names = dict.fromkeys((type(self).__name__, *self._compatibles))
+        return [getattr(schedulers, n) for n in names if hasattr(schedulers, n)]
+
+    def add_noise(
+        self, original_samples: jax.Array, noise: jax.Array, timesteps: jax.Array
+    ) -> jax.Array:
+        r"""Samples :math:`x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon`
+        (Ho et al. 2020, Eq. 4) at integer training ``timesteps`` (one per example)."""
+        a = jnp.asarray(self.alphas_cumprod)[jnp.asarray(timesteps, jnp.int32)]
+        a = bcast(a, original_samples).astype(original_samples.dtype)
+        return jnp.sqrt(a) * original_samples + jnp.sqrt(1 - a) * noise
+
+    def get_velocity(self, sample: jax.Array, noise: jax.Array, timesteps: jax.Array) -> jax.Array:
+        r"""The v-prediction target :math:`v = \sqrt{\bar\alpha_t}\,\epsilon -
+        \sqrt{1-\bar\alpha_t}\,x_0` (Salimans & Ho 2022, Sec. 4)."""
+        a = jnp.asarray(self.alphas_cumprod)[jnp.asarray(timesteps, jnp.int32)]
+        a = bcast(a, sample).astype(sample.dtype)
+        return jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * sample
+
+    def scale_model_input(self, state: Any, sample: jax.Array, timestep: Any = None) -> jax.Array:
+        """The model input for ``sample`` at ``timestep``: unchanged for ᾱ-space schedulers."""
+        return sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps

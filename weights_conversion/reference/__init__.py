@@ -1,0 +1,1 @@
+"""Generators of tests/reference/: one module per component, each with ``generate(out_dir)``."""
