@@ -6,6 +6,7 @@ A missing reference file fails the test (it never skips): regenerate with
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -45,3 +46,15 @@ def relative_l2(actual, expected) -> float:
     """||actual - expected|| / ||expected|| over the whole array."""
     a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30))
+
+
+HAS_REFERENCE = all(
+    importlib.util.find_spec(m) is not None for m in ("torch", "diffusers", "transformers")
+)
+
+# Live-parity tests build the PyTorch reference in-process; without torch they skip, saying why.
+requires_reference = pytest.mark.skipif(
+    not HAS_REFERENCE,
+    reason="live parity needs torch, diffusers and transformers: "
+    "pip install torch==2.13.0 && pip install -e '.[parity]'",
+)
