@@ -60,7 +60,13 @@ class FlaxModelMixin(ModelConfigMixin):
 
     @staticmethod
     def _ignore_unexpected(key: str) -> bool:
+        """True for PyTorch keys that are buffers, not weights (e.g. ``position_ids``)."""
         return False
+
+    @classmethod
+    def _normalize_state_dict(cls, state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Maps legacy PyTorch key names to current ones before the strict conversion."""
+        return state_dict
 
     def dummy_inputs(self) -> tuple:
         """Positional inputs of the smallest valid call, used to build the params tree."""
@@ -77,7 +83,7 @@ class FlaxModelMixin(ModelConfigMixin):
     def params_from_state_dict(self, state_dict: dict[str, np.ndarray]) -> dict:
         """PyTorch-layout weights -> params of this module (strict; see ``WeightLoadError``)."""
         params = sd.torch_to_flax(
-            state_dict,
+            self._normalize_state_dict(dict(state_dict)),
             self.param_shapes(),
             self._list_names,
             type(self)._torch_rename,

@@ -27,6 +27,15 @@ from flax import struct
 
 from jaxdiff.configuration import ConfigMixin
 
+# diffusers' KarrasDiffusionSchedulers: every one of these can be built from another's config.
+KARRAS_DIFFUSION_SCHEDULERS = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+)
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
