@@ -116,19 +116,6 @@ def _download(repo, rel, revision, cache_dir, token, local_files_only, force_dow
             local_files_only=offline,
             force_download=force_download,
         )
-    except errors.EntryNotFoundError as err:
-        if not required:
-            return None
-        raise HubFileNotFoundError(
-            f"The Hub repo {repo!r} (revision {revision or 'main'}) has no file {rel!r}."
-        ) from err
-    except errors.RepositoryNotFoundError as err:
-        raise HubFileNotFoundError(
-            f"Hub repo {repo!r} was not found (or it is private/gated: log in with "
-            "`hf auth login` or pass token=...). A local folder path must exist."
-        ) from err
-    except errors.RevisionNotFoundError as err:
-        raise HubFileNotFoundError(f"Hub repo {repo!r} has no revision {revision!r}.") from err
     except errors.LocalEntryNotFoundError as err:
         if not required and offline:
             return None
@@ -143,6 +130,19 @@ def _download(repo, rel, revision, cache_dir, token, local_files_only, force_dow
             f"{rel!r} of Hub repo {repo!r} (revision {revision or 'main'}) is not in the cache "
             f"({cache_dir or 'the default huggingface_hub cache'}); {how}."
         ) from err
+    except errors.EntryNotFoundError as err:
+        if not required:
+            return None
+        raise HubFileNotFoundError(
+            f"The Hub repo {repo!r} (revision {revision or 'main'}) has no file {rel!r}."
+        ) from err
+    except errors.RepositoryNotFoundError as err:
+        raise HubFileNotFoundError(
+            f"Hub repo {repo!r} was not found (or it is private/gated: log in with "
+            "`hf auth login` or pass token=...). A local folder path must exist."
+        ) from err
+    except errors.RevisionNotFoundError as err:
+        raise HubFileNotFoundError(f"Hub repo {repo!r} has no revision {revision!r}.") from err
     except (OSError, ValueError) as err:
         raise HubFileNotFoundError(f"Could not get {rel!r} from Hub repo {repo!r}: {err}") from err
 

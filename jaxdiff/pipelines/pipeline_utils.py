@@ -1,0 +1,233 @@
+"""``DiffusionPipeline``: components from ``model_index.json``, dispatch, save, repr.
+
+A pipeline folder (diffusers layout) has ``model_index.json``::
+
+    {"_class_name": "DDPMPipeline", "_diffusers_version": "0.42.1",
+     "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+
+and one subfolder per component. ``DiffusionPipeline.from_pretrained(path)`` reads it, loads
+every component with jaxdiff's own (torch-free) loaders and returns the pipeline class it names.
+A model component is a Linen module plus its params; the pipeline keeps both
+(``pipe.unet`` is the module, ``pipe.params["unet"]`` its weights), so calling a pipeline
+needs no ``(pipeline, params)`` juggling.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import __diffusers_version__, hub
+from jaxdiff.configuration import FrozenConfig, load_config
+from jaxdiff.models.modeling_utils import cast_floating, check_dtype
+
+MODEL_INDEX = "model_index.json"
+
+# diffusers class name -> "module:attribute" of the jaxdiff class that loads it.
+COMPONENT_CLASSES = {
+    "UNet2DModel": "jaxdiff.models.unet_2d:UNet2DModel",
+    "UNet2DConditionModel": "jaxdiff.models.unet_2d_condition:UNet2DConditionModel",
+    "AutoencoderKL": "jaxdiff.models.autoencoder_kl:AutoencoderKL",
+    "CLIPTextModel": "jaxdiff.models.clip_text:CLIPTextModel",
+    "DDPMScheduler": "jaxdiff.schedulers:DDPMScheduler",
+    "DDIMScheduler": "jaxdiff.schedulers:DDIMScheduler",
+    "PNDMScheduler": "jaxdiff.schedulers:PNDMScheduler",
+    "EulerDiscreteScheduler": "jaxdiff.schedulers:EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler": "jaxdiff.schedulers:EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler": "jaxdiff.schedulers:DPMSolverMultistepScheduler",
+}
+# diffusers pipeline class name -> jaxdiff pipeline class.
+PIPELINE_CLASSES = {
+    "DDPMPipeline": "jaxdiff.pipelines.unconditional:DDPMPipeline",
+    "DDIMPipeline": "jaxdiff.pipelines.unconditional:DDIMPipeline",
+}
+SCHEDULER_NAMES = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+}
+
+
+def import_class(name: str, table: dict[str, str], what: str) -> type:
+    if name not in table:
+        raise ValueError(f"jaxdiff has no {what} {name!r}; supported: {sorted(table)}")
+    module, attr = table[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def scheduler_class(name: str) -> type:
+    """A scheduler class from its class name or a short name (``ddim``, ``euler_a``, ``dpm++``)."""
+    full = SCHEDULER_NAMES.get(name.lower(), name)
+    if not full.endswith("Scheduler") or full not in COMPONENT_CLASSES:
+        choices = sorted(SCHEDULER_NAMES) + [k for k in COMPONENT_CLASSES if k.endswith("Scheduler")]
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {choices}")
+    return import_class(full, COMPONENT_CLASSES, "scheduler")
+
+
+@dataclass
+class ImagePipelineOutput:
+    """``images``: a list of PIL images, or a float array (B, H, W, C) in [0, 1] for "np"."""
+
+    images: Any
+
+
+def _is_model(obj: Any) -> bool:
+    return hasattr(obj, "save_pretrained") and hasattr(obj, "apply")
+
+
+class DiffusionPipeline:
+    """Base of every pipeline: ``from_pretrained`` dispatch, components, ``save_pretrained``."""
+
+    _components: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: dict[str, Any] | None = None, dtype: Any = jnp.float32, **components):
+        missing = [n for n in self._components if components.get(n) is None]
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs the component(s) {missing}")
+        object.__setattr__(self, "params", dict(params or {}))
+        object.__setattr__(self, "dtype", check_dtype(dtype))
+        object.__setattr__(self, "_jit_cache", {})
+        for name, value in components.items():
+            setattr(self, name, value)
+
+    # --------------------------------------------------------------- components
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``pipe.unet = (module, params)`` swaps a model; ``pipe.scheduler = sched`` a scheduler."""
+        if name in self._components:
+            if isinstance(value, tuple) and len(value) == 2 and _is_model(value[0]):
+                value, params = value
+                self.params[name] = params
+            elif _is_model(value) and name not in self.params:
+                raise ValueError(
+                    f"{name} is a model: assign (module, params), e.g. "
+                    f"`pipe.{name} = {type(value).__name__}.from_pretrained(...)`"
+                )
+            self._jit_cache.clear()
+        object.__setattr__(self, name, value)
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._components}
+
+    @property
+    def config(self) -> FrozenConfig:
+        data = {"_class_name": type(self).__name__, "_diffusers_version": __diffusers_version__}
+        for name, comp in self.components.items():
+            library = "transformers" if type(comp).__name__.startswith("CLIP") else "diffusers"
+            data[name] = [library, type(comp).__name__]
+        return FrozenConfig(data, class_name=type(self).__name__)
+
+    def __repr__(self) -> str:
+        return repr(self.config)
+
+    # --------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        dtype: Any = jnp.float32,
+        variant: str | None = None,
+        **kwargs,
+    ) -> DiffusionPipeline:
+        """Loads a pipeline folder or Hub repo in diffusers layout, without torch.
+
+        Args:
+            pretrained_model_name_or_path: a local folder or a Hub repo id.
+            dtype: compute dtype of the models (float32, bfloat16, float16).
+            variant: weight variant, e.g. ``"fp16"``.
+            **kwargs: components to use instead of loading them (``scheduler=...``,
+                ``unet=(module, params)``), and Hub options (revision, cache_dir, token,
+                local_files_only).
+        """
+        hub_kwargs = hub.pop_hub_kwargs(kwargs)
+        index = load_config(pretrained_model_name_or_path, None, MODEL_INDEX, **hub_kwargs)
+        name = index.get("_class_name")
+        pipeline_cls = cls
+        if cls is DiffusionPipeline or name in PIPELINE_CLASSES:
+            pipeline_cls = import_class(name, PIPELINE_CLASSES, "pipeline") if name else cls
+        if pipeline_cls is DiffusionPipeline:
+            raise ValueError(f"{MODEL_INDEX} of {pretrained_model_name_or_path} has no _class_name")
+        components: dict[str, Any] = {}
+        params: dict[str, Any] = {}
+        for comp in pipeline_cls._components:
+            if comp in kwargs:
+                value = kwargs.pop(comp)
+                if isinstance(value, tuple) and len(value) == 2 and _is_model(value[0]):
+                    components[comp], params[comp] = value
+                else:
+                    components[comp] = value
+                continue
+            entry = index.get(comp)
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 2) or entry[1] is None:
+                raise ValueError(
+                    f"{MODEL_INDEX} of {pretrained_model_name_or_path} has no component "
+                    f"{comp!r} (expected e.g. \"{comp}\": [\"diffusers\", \"ClassName\"])"
+                )
+            comp_cls = import_class(entry[1], COMPONENT_CLASSES, "component class")
+            if hasattr(comp_cls, "apply"):
+                components[comp], params[comp] = comp_cls.from_pretrained(
+                    pretrained_model_name_or_path, subfolder=comp, dtype=dtype, variant=variant,
+                    **hub_kwargs,
+                )
+            else:
+                components[comp] = comp_cls.from_pretrained(
+                    pretrained_model_name_or_path, subfolder=comp, **hub_kwargs
+                )
+        if kwargs:
+            raise TypeError(
+                f"{pipeline_cls.__name__}.from_pretrained got unexpected argument(s) {sorted(kwargs)}"
+            )
+        return pipeline_cls(params=params, dtype=dtype, **components)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Writes ``model_index.json`` and every component in diffusers layout."""
+        save_directory = os.fspath(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        for name, comp in self.components.items():
+            sub = os.path.join(save_directory, name)
+            if _is_model(comp):
+                comp.save_pretrained(sub, self.params[name])
+            else:
+                comp.save_pretrained(sub)
+        with open(os.path.join(save_directory, MODEL_INDEX), "w", encoding="utf-8") as f:
+            f.write(self.config.to_json_string())
+
+    def to(self, dtype: Any) -> DiffusionPipeline:
+        """Casts the models' compute dtype and params (in place); returns the pipeline."""
+        dtype = check_dtype(dtype)
+        for name, comp in self.components.items():
+            if _is_model(comp):
+                object.__setattr__(self, name, comp.clone(dtype=dtype))
+                self.params[name] = cast_floating(self.params[name], dtype)
+        object.__setattr__(self, "dtype", dtype)
+        self._jit_cache.clear()
+        return self
+
+
+def write_model_index(directory: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Writes a ``model_index.json`` (used by the reference scripts and tests)."""
+    with open(os.path.join(os.fspath(directory), MODEL_INDEX), "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+
+
+def to_output(images: np.ndarray, output_type: str) -> ImagePipelineOutput:
+    """Wraps (B, H, W, C) images in [0, 1] as the requested ``output_type``."""
+    from jaxdiff.utils.images import numpy_to_pil
+
+    if output_type == "np":
+        return ImagePipelineOutput(images=np.asarray(images))
+    if output_type == "pil":
+        return ImagePipelineOutput(images=numpy_to_pil(np.asarray(images)))
+    raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")

@@ -1,0 +1,228 @@
+r"""The one denoising driver: ``lax.scan`` over the scheduler's steps.
+
+Every pipeline samples through :func:`denoise`. Given a model function
+:math:`f(x, t) \to` (ε̂, x̂₀ or v̂, as the scheduler's ``prediction_type`` says), a scheduler
+and its state, it runs, for :math:`i = 0 \dots N-1` with :math:`t = \text{timesteps}[i]`,
+
+.. math:: x_{t_{i+1}} = \text{step}\big(f(\text{scale\_model\_input}(x_{t_i}, t_i), t_i),\ t_i,\ x_{t_i}\big)
+
+as one ``lax.scan``, so the whole loop is a single XLA program. The PRNG key of step ``i`` is
+``fold_in(key, i)``: changing the seed changes only an argument, never the program.
+
+Classifier-free guidance (Ho & Salimans 2022, Eq. 6) is a model-function wrapper,
+:func:`classifier_free_guidance`, that batches [uncond, cond] through one model call.
+
+Batches are sharded over all local devices with :func:`shard_batch` (``jax.sharding``: the
+batch axis split over a 1-D mesh, the params replicated), or run with ``jax.pmap`` through
+:func:`pmap_denoise`. A progress bar can be fed from inside the scan (:class:`ScanProgress`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+# ----------------------------------------------------------------------------- progress bars
+class ScanProgress:
+    """A tqdm bar advanced from inside a jitted ``lax.scan`` through ``jax.debug.callback``.
+
+    The callback only carries an integer id, so the compiled program does not depend on which
+    bar is shown: ``with ScanProgress(total) as p: f(..., progress_id=p.id)``.
+    """
+
+    _bars: dict[int, Any] = {}
+    _ids = itertools.count(1)
+    _lock = threading.Lock()
+
+    def __init__(self, total: int, desc: str = "denoising", enabled: bool = True):
+        self.id = next(self._ids)
+        self.total = int(total)
+        self.enabled = enabled
+        self.desc = desc
+
+    def __enter__(self) -> ScanProgress:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            with self._lock:
+                self._bars[self.id] = tqdm(total=self.total, desc=self.desc, unit="step")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            bar = self._bars.pop(self.id, None)
+        if bar is not None:
+            bar.close()
+
+    @classmethod
+    def _update(cls, bar_id: np.ndarray, i: np.ndarray) -> None:
+        with cls._lock:
+            bar = cls._bars.get(int(bar_id))
+        if bar is not None:
+            bar.n = int(i) + 1
+            bar.refresh()
+
+    @classmethod
+    def tick(cls, progress_id: jax.Array | None, i: jax.Array) -> None:
+        """Called inside the scan body; a no-op when ``progress_id`` is None."""
+        if progress_id is not None:
+            jax.debug.callback(cls._update, progress_id, i)
+
+
+# ----------------------------------------------------------------------------- the driver
+def image_keys(key: jax.Array, batch_size: int) -> jax.Array:
+    """One key per image: ``key`` itself if it is already a (batch_size,) array of keys."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if key.ndim == 1 and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape[0] != batch_size:
+            raise ValueError(f"key holds {key.shape[0]} keys for a batch of {batch_size} images")
+        return key
+    if key.ndim != 0 or not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        raise TypeError(
+            "key must be a typed PRNG key (jax.random.key(seed)) or a (batch,) array of them, "
+            f"got dtype {key.dtype} and shape {key.shape}"
+        )
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch_size))
+
+
+def per_image_normal(keys: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """Gaussian noise of ``shape`` whose image ``b`` depends only on ``keys[b]``, so results do
+    not change with the batch size, its padding, or the number of devices."""
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(keys)
+
+
+def denoise(
+    model_fn: ModelFn,
+    scheduler: Any,
+    state: Any,
+    x_T: jax.Array,
+    keys: jax.Array,
+    *,
+    step_kwargs: dict[str, Any] | None = None,
+    progress_id: jax.Array | None = None,
+    return_trajectory: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""Runs the reverse process from ``x_T`` with ``lax.scan``; jit it from the outside.
+
+    Args:
+        model_fn: ``(x_in, t) -> model_output``, ``t`` a scalar timestep (traced).
+        scheduler: any jaxdiff scheduler (its config is static Python).
+        state: ``scheduler.set_timesteps(n, shape=x_T.shape)``: a pytree with fixed shapes.
+        x_T: the starting sample, already scaled by ``state.init_noise_sigma``.
+        keys: one PRNG key per image, shape (batch,) (see :func:`image_keys`). The noise of
+            step ``i`` for image ``b`` is drawn from ``fold_in(keys[b], i)`` and passed to
+            ``scheduler.step(..., noise=...)``; deterministic schedulers ignore it and XLA
+            removes the draw.
+        step_kwargs: extra ``step`` arguments (e.g. ``{"eta": eta}`` for DDIM); may be traced.
+        progress_id: from :class:`ScanProgress`, or None for no bar.
+        return_trajectory: also return every step's sample, stacked on a new leading axis.
+
+    Returns:
+        x_0, or (x_0, trajectory) when ``return_trajectory``.
+    """
+    step_kwargs = step_kwargs or {}
+    num_steps = state.timesteps.shape[0]
+    if keys.shape != x_T.shape[:1]:
+        raise ValueError(f"keys must have shape {x_T.shape[:1]} (one per image), got {keys.shape}")
+
+    def body(carry, i):
+        x_t, st = carry
+        t = st.timesteps[i]
+        x_in = scheduler.scale_model_input(st, x_t, t)
+        model_output = model_fn(x_in, t)
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+        noise = per_image_normal(step_keys, x_t.shape, jnp.float32)
+        out = scheduler.step(st, model_output, t, x_t, noise=noise, **step_kwargs)
+        ScanProgress.tick(progress_id, i)
+        x_prev = out.prev_sample.astype(x_t.dtype)
+        return (x_prev, out.state), (x_prev if return_trajectory else None)
+
+    (x_0, _), trajectory = jax.lax.scan(body, (x_T, state), jnp.arange(num_steps))
+    return (x_0, trajectory) if return_trajectory else x_0
+
+
+def classifier_free_guidance(model_fn: Callable, guidance_scale: jax.Array) -> ModelFn:
+    r"""Classifier-free guidance, Ho & Salimans (2022), Eq. 6:
+    :math:`\tilde\epsilon = \epsilon_\theta(x, \varnothing) + w\,(\epsilon_\theta(x, c) -
+    \epsilon_\theta(x, \varnothing))`.
+
+    ``model_fn(x, t)`` must evaluate a doubled batch ``[x, x]`` against
+    ``[uncond, cond]`` contexts (it closes over them); ``guidance_scale`` may be traced, so a new
+    scale does not recompile.
+    """
+
+    def guided(x: jax.Array, t: jax.Array) -> jax.Array:
+        out = model_fn(jnp.concatenate([x, x], axis=0), t)
+        uncond, cond = jnp.split(out, 2, axis=0)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return guided
+
+
+# ----------------------------------------------------------------------------- devices
+def batch_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh named ``"batch"`` over ``devices`` (default: all local devices)."""
+    devices = devices if devices is not None else jax.local_devices()
+    return Mesh(np.asarray(devices), ("batch",))
+
+
+def padded_batch_size(batch_size: int, num_devices: int) -> int:
+    """The smallest multiple of ``num_devices`` >= ``batch_size`` (padding is trimmed later)."""
+    return -(-batch_size // num_devices) * num_devices
+
+
+def shard_batch(x: jax.Array, mesh: Mesh) -> jax.Array:
+    """Places ``x`` with its leading (batch) axis split over the mesh's ``"batch"`` axis."""
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec("batch")))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places every leaf of ``tree`` (e.g. params) on all devices of the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def pmap_denoise(
+    model_fn_builder: Callable[[Any], ModelFn],
+    scheduler: Any,
+    state: Any,
+    params: Any,
+    x_T: jax.Array,
+    keys: jax.Array,
+    *,
+    step_kwargs: dict[str, Any] | None = None,
+) -> jax.Array:
+    """The ``pmap`` path: splits the batch over the local devices, one scan per device.
+
+    Args:
+        model_fn_builder: ``params -> model_fn`` (called inside the pmapped function).
+        state: a state built for the *per-device* sample shape.
+        x_T: the full batch; its size must divide by the number of local devices.
+        keys: one key per image, as for :func:`denoise`, so results equal the jit path's.
+    """
+    n = jax.local_device_count()
+    if x_T.shape[0] % n:
+        raise ValueError(
+            f"pmap sampling needs a batch size divisible by the {n} local devices, "
+            f"got {x_T.shape[0]}; use the sharded (jit) path, which pads"
+        )
+
+    def split(a):
+        return a.reshape((n, a.shape[0] // n) + a.shape[1:])
+
+    def per_device(params, x, k, state, step_kwargs):
+        return denoise(model_fn_builder(params), scheduler, state, x, k, step_kwargs=step_kwargs)
+
+    out = jax.pmap(per_device, in_axes=(None, 0, 0, None, None))(
+        params, split(x_T), split(keys), state, step_kwargs or {}
+    )
+    return out.reshape(x_T.shape)

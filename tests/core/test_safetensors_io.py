@@ -1,0 +1,62 @@
+"""jaxdiff.loaders.safetensors_io against the safetensors library, and its error messages."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from jaxdiff.loaders.safetensors_io import SafetensorsError, load_file, save_file
+
+
+def test_round_trip_with_the_safetensors_library(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {
+        "a.weight": rng.standard_normal((3, 4)).astype(np.float32),
+        "b": rng.standard_normal(5).astype(np.float16),
+        "c": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "empty": np.zeros((0, 2), np.float32),
+    }
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    theirs = safetensors.numpy.load_file(str(path))
+    ours = load_file(path)
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(theirs[k], v)
+        np.testing.assert_array_equal(ours[k], v)
+        assert ours[k].dtype == v.dtype
+    other = tmp_path / "y.safetensors"
+    safetensors.numpy.save_file(tensors, str(other))
+    for k, v in load_file(other).items():
+        np.testing.assert_array_equal(v, tensors[k])
+
+
+def test_bfloat16(tmp_path):
+    x = np.linspace(-2, 2, 7).astype(ml_dtypes.bfloat16)
+    save_file({"x": x}, tmp_path / "b.safetensors")
+    y = load_file(tmp_path / "b.safetensors")["x"]
+    assert y.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(y.astype(np.float32), x.astype(np.float32))
+
+
+def test_truncated_file_is_named(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"w": np.ones((64, 64), np.float32)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(SafetensorsError, match=r"t.safetensors is truncated or corrupt.*'w'"):
+        load_file(path)
+
+
+def test_corrupt_header_is_named(tmp_path):
+    path = tmp_path / "c.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage garbage}")
+    with pytest.raises(SafetensorsError, match="c.safetensors is corrupt"):
+        load_file(path)
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_bytes(b"abc")
+    with pytest.raises(SafetensorsError, match="only 3 bytes"):
+        load_file(tiny)
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(b"\xff" * 8 + b"{}")
+    with pytest.raises(SafetensorsError, match="header claims"):
+        load_file(huge)
