@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import device_name, library_versions, median_time, write_results, xla_flops
 
 CAT_256_LIKE = dict(
     in_channels=3,
@@ -58,22 +54,6 @@ CAT_256_LIKE = dict(
     flip_sin_to_cos=True,
     freq_shift=0,
 )
-
-
-def device_name() -> str:
-    d = jax.devices()[0]
-    if d.platform == "cpu":
-        return f"cpu-{os.cpu_count()}core-{platform.machine()}"
-    return d.device_kind.replace(" ", "-")
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build_reference(folder: Path, size: int):
@@ -137,15 +117,14 @@ def bench_jax(folder: Path, batch, size, steps, repeats):
     start = time.perf_counter()
     compiled = fwd.lower(params, x, t).compile()
     compile_fwd = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    flops = xla_flops(compiled)
     jax.block_until_ready(compiled(params, x, t))
     forward = median_time(lambda: jax.block_until_ready(compiled(params, x, t)), repeats)
 
     def sample(seed):
-        return pipe(batch_size=batch, num_inference_steps=steps, seed=seed, output_type="np",
-                    progress=False)
+        return pipe(
+            batch_size=batch, num_inference_steps=steps, seed=seed, output_type="np", progress=False
+        )
 
     start = time.perf_counter()
     sample(0)
@@ -169,8 +148,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    import torch
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         unet, scheduler = build_reference(folder, args.size)
@@ -179,14 +156,15 @@ def main() -> None:
     images = args.batch
     result = {
         "device": device_name(),
-        "versions": {
-            "jax": jax.__version__,
-            "torch": torch.__version__,
-            "diffusers": __import__("diffusers").__version__,
-            "torch_threads": torch.get_num_threads(),
+        "versions": library_versions(),
+        "config": {
+            "batch": args.batch,
+            "size": args.size,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "unet": "ddpm-cat-256 layout",
+            "dtype": "float32",
         },
-        "config": {"batch": args.batch, "size": args.size, "steps": args.steps,
-                   "repeats": args.repeats, "unet": "ddpm-cat-256 layout", "dtype": "float32"},
         "jaxdiff": j,
         "diffusers": t,
         "forward_speedup": t["forward_s"] / j["forward_s"],
@@ -196,9 +174,6 @@ def main() -> None:
         },
         "sampling_speedup": t["sampling_s"] / j["sampling_s"],
     }
-    RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"unet2d_{result['device']}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [
         "| measure | jaxdiff (JAX) | diffusers (PyTorch) | ratio |",
         "|---|---|---|---|",
@@ -211,11 +186,8 @@ def main() -> None:
         f"| sampling compile (s) | {j['sampling_compile_s']:.1f} | - | |",
         f"| forward GFLOP/s (XLA cost analysis) | {j['forward_gflop_per_s']:.0f} | - | |",
     ]
-    md = f"Device: {result['device']}; {json.dumps(result['versions'])}\n\n" + "\n".join(rows) + "\n"
-    stem.with_suffix(".md").write_text(md)
-    print(md)
+    print(write_results("unet2d", result, rows))
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     main()

@@ -33,8 +33,13 @@ from jaxdiff import __diffusers_version__ as _DIFFUSERS_VERSION
 from jaxdiff import hub
 
 CONFIG_NAME = "config.json"
+# diffusers' in-memory record of the fields that took their default value (not given by the
+# caller, nor present in the loaded file). ``from_config`` drops them, so a scheduler swapped
+# from an in-memory default config gets the *new* class's defaults, exactly as in diffusers.
+USE_DEFAULT_VALUES = "_use_default_values"
 # Keys that describe a file, not the object: never passed to a constructor.
 _BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+
 
 
 def _jsonable(value: Any) -> Any:
@@ -96,7 +101,9 @@ class FrozenConfig(Mapping):
         return _jsonable(self._data)
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        """The config as diffusers writes it (without the in-memory ``_use_default_values``)."""
+        data = {k: v for k, v in self.to_dict().items() if k != USE_DEFAULT_VALUES}
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def __repr__(self) -> str:
         return f"{self._class_name} {self.to_json_string()}"
@@ -146,7 +153,10 @@ def split_config(cls: type, config: Mapping[str, Any], **overrides) -> tuple[dic
         ValueError: when a required field is missing, naming every missing field.
     """
     names, _, required = _accepted_keys(cls)
-    merged = {k: v for k, v in dict(config).items() if k not in _BOOKKEEPING}
+    used_defaults = set(config.get(USE_DEFAULT_VALUES, ()))
+    merged = {
+        k: v for k, v in dict(config).items() if k not in _BOOKKEEPING and k not in used_defaults
+    }
     merged.update(overrides)
     kwargs = {k: v for k, v in merged.items() if k in names}
     unknown = {k: v for k, v in merged.items() if k not in names and not k.startswith("_")}
@@ -242,11 +252,12 @@ class ConfigMixin(_ConfigBase):
         config = cls._config_dict(config if config is not None else {})
         if config.get("_class_name", cls.__name__) != cls.__name__:
             names, _, _ = _accepted_keys(cls)
-            config = {k: v for k, v in config.items() if k in names}
+            config = {k: v for k, v in config.items() if k in names or k == USE_DEFAULT_VALUES}
         kwargs, unknown = split_config(cls, config, **overrides)
         obj = cls(**kwargs)
         if unknown:
-            obj._register_config(dict(obj.config), unknown)
+            keep = {k: obj.config[k] for k in (USE_DEFAULT_VALUES,) if k in obj.config}
+            obj._register_config(dict(obj.config), {**unknown, **keep})
         return obj
 
     @classmethod
@@ -284,14 +295,15 @@ def register_to_config(init):
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         bound = inspect.signature(init).bind(self, *args, **kwargs)
+        given = set(bound.arguments)
         bound.apply_defaults()
-        values = {k: v for k, v in list(bound.arguments.items())[1:]}
         values = {
             k: tuple(v) if isinstance(v, list) else v
-            for k, v in values.items()
+            for k, v in list(bound.arguments.items())[1:]
             if k not in type(self)._non_config_fields
         }
-        self._register_config(values)
+        defaults = sorted(k for k in values if k not in given)
+        self._register_config(values, {USE_DEFAULT_VALUES: defaults} if defaults else {})
         init(self, *args, **kwargs)
 
     return wrapper

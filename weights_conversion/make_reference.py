@@ -15,10 +15,12 @@ import pkgutil
 import sys
 from pathlib import Path
 
-import weights_conversion.reference as reference
-
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "reference"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import weights_conversion.reference as reference  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -34,5 +36,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main(sys.argv[1:])

@@ -154,11 +154,13 @@ class DiffusionPipeline:
         hub_kwargs = hub.pop_hub_kwargs(kwargs)
         index = load_config(pretrained_model_name_or_path, None, MODEL_INDEX, **hub_kwargs)
         name = index.get("_class_name")
-        pipeline_cls = cls
-        if cls is DiffusionPipeline or name in PIPELINE_CLASSES:
-            pipeline_cls = import_class(name, PIPELINE_CLASSES, "pipeline") if name else cls
-        if pipeline_cls is DiffusionPipeline:
-            raise ValueError(f"{MODEL_INDEX} of {pretrained_model_name_or_path} has no _class_name")
+        pipeline_cls = cls  # a concrete class loads any compatible folder, as in diffusers
+        if cls is DiffusionPipeline:
+            if not name:
+                raise ValueError(
+                    f"{MODEL_INDEX} of {pretrained_model_name_or_path} has no _class_name"
+                )
+            pipeline_cls = import_class(name, PIPELINE_CLASSES, "pipeline")
         components: dict[str, Any] = {}
         params: dict[str, Any] = {}
         for comp in pipeline_cls._components:

@@ -63,6 +63,24 @@ def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999) -
     return np.asarray(betas, dtype=np.float32)
 
 
+def linspace_f32(start: float, end: float, num: int) -> np.ndarray:
+    """``torch.linspace(start, end, num, dtype=torch.float32)`` bit for bit.
+
+    PyTorch works in float32: ``step = (end - start) / (num - 1)``, then the first half is
+    ``start + step * i`` and the second half ``end - step * (num - 1 - i)``, each a fused
+    multiply-add (one rounding), emulated here in float64. ``np.linspace`` rounds differently
+    (up to 2 ulp on betas, 1e-6 relative on alpha_bar after 1000 steps)."""
+    f32 = np.float32
+    start32, end32 = f32(start), f32(end)
+    if num == 1:
+        return np.array([start32], dtype=np.float32)
+    step = f32(f32(end32 - start32) / f32(num - 1))
+    i = np.arange(num, dtype=np.float64)
+    head = np.float64(start32) + np.float64(step) * i
+    tail = np.float64(end32) - np.float64(step) * (num - 1 - i)
+    return np.where(i < num // 2, head, tail).astype(np.float32)
+
+
 def make_betas(
     beta_schedule: str,
     num_train_timesteps: int,
@@ -80,10 +98,10 @@ def make_betas(
             )
         return betas
     if beta_schedule == "linear":
-        return np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)
+        return linspace_f32(beta_start, beta_end, num_train_timesteps)
     if beta_schedule == "scaled_linear":
         # Latent diffusion (Rombach et al. 2022): linear in sqrt(beta).
-        root = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float32)
+        root = linspace_f32(beta_start**0.5, beta_end**0.5, num_train_timesteps)
         return root**2
     if beta_schedule == "squaredcos_cap_v2":
         return betas_for_alpha_bar(num_train_timesteps)
@@ -94,8 +112,56 @@ def make_betas(
 
 
 def alpha_bar_from_betas(betas: np.ndarray) -> np.ndarray:
-    r""":math:`\bar\alpha_t = \prod_{s\le t}(1-\beta_s)` in float32, accumulated in order."""
-    return np.cumprod(1.0 - betas, dtype=np.float32)
+    r""":math:`\bar\alpha_t = \prod_{s\le t}(1-\beta_s)`, returned in float32.
+
+    The running product is accumulated in float64 and rounded once, as PyTorch's CPU
+    ``cumprod`` does for float32 tensors: a float32 accumulator drifts by ~1e-6 relative."""
+    alphas = (1.0 - np.asarray(betas, np.float32)).astype(np.float32)
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    r"""Rescales β to zero terminal SNR (Lin et al. 2024, Algorithm 1): :math:`\sqrt{\bar\alpha}`
+    is shifted so that its last value is 0 and scaled so that its first is kept; float32 as
+    diffusers (the cumulative product accumulated as in :func:`alpha_bar_from_betas`)."""
+    alphas_bar_sqrt = np.sqrt(alpha_bar_from_betas(betas)).astype(np.float32)
+    first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return (1 - alphas).astype(np.float32)
+
+
+def spaced_timesteps(
+    timestep_spacing: str, num_train_timesteps: int, num_inference_steps: int, steps_offset: int = 0
+) -> np.ndarray:
+    """N integer timesteps in [0, T-1], high to low, as diffusers' DDPM/DDIM ``set_timesteps``.
+
+    Lin et al. (2024), Table 2: ``"linspace"`` rounds ``linspace(0, T-1, N)``; ``"leading"``
+    takes ``i * (T // N) + steps_offset``; ``"trailing"`` rounds ``arange(T, 0, -T/N) - 1``
+    (it always includes t = T-1)."""
+    check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    t_max, n = num_train_timesteps, num_inference_steps
+    if timestep_spacing == "linspace":
+        steps = np.linspace(0, t_max - 1, n).round()[::-1]
+    elif timestep_spacing == "leading":
+        steps = (np.arange(0, n) * (t_max // n)).round()[::-1] + steps_offset
+    else:
+        steps = np.round(np.arange(t_max, 0, -t_max / n)) - 1
+    check_timestep_range(steps, num_train_timesteps, steps_offset)
+    return np.ascontiguousarray(steps).astype(np.int64)
+
+
+def check_timestep_range(
+    timesteps: np.ndarray, num_train_timesteps: int, steps_offset: int
+) -> None:
+    """Raises when ``steps_offset`` pushes a timestep past T - 1 (there is no ᾱ to look up)."""
+    if len(timesteps) and int(np.max(timesteps)) >= num_train_timesteps:
+        raise ValueError(
+            f"steps_offset={steps_offset} pushes timestep {int(np.max(timesteps))} past "
+            f"num_train_timesteps - 1 = {num_train_timesteps - 1}; use fewer inference steps "
+            "or a smaller steps_offset"
+        )
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

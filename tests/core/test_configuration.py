@@ -51,7 +51,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert data["_class_name"] == "ToyScheduler"
     assert data["trained_betas"] == [0.1] * 10
     again = ToyScheduler.from_pretrained(tmp_path)
-    assert again.config == s.config
+    assert again.config.to_json_string() == s.config.to_json_string()
 
 
 def test_from_config_accepts_dict_config_and_object():
@@ -97,3 +97,25 @@ def test_frozen_config_equality_and_attribute_errors():
     assert a == {"x": [1, 2]}
     with pytest.raises(AttributeError, match="has no field 'y'"):
         _ = a.y
+
+
+def test_defaults_are_not_carried_across_classes_as_in_diffusers():
+    """diffusers' `_use_default_values`: fields that took their default are dropped by
+    `from_config`, so the new class uses its own default (e.g. Euler's "linspace" spacing)."""
+    from jaxdiff.schedulers import DDPMScheduler, EulerDiscreteScheduler
+
+    in_memory = DDPMScheduler(beta_schedule="linear")
+    assert "timestep_spacing" in in_memory.config._use_default_values
+    assert EulerDiscreteScheduler.from_config(in_memory.config).config.timestep_spacing == "linspace"
+    explicit = DDPMScheduler(timestep_spacing="leading")
+    assert EulerDiscreteScheduler.from_config(explicit.config).config.timestep_spacing == "leading"
+    assert "_use_default_values" not in in_memory.config.to_json_string()
+
+
+def test_loaded_configs_carry_every_saved_field(tmp_path):
+    from jaxdiff.schedulers import DDPMScheduler, EulerDiscreteScheduler
+
+    DDPMScheduler().save_config(tmp_path)
+    loaded = DDPMScheduler.from_pretrained(tmp_path)
+    assert "_use_default_values" not in loaded.config
+    assert EulerDiscreteScheduler.from_config(loaded.config).config.timestep_spacing == "leading"
