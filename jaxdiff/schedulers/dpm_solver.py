@@ -168,10 +168,6 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         check_choice("prediction_type", prediction_type, (*PREDICTION_TYPES, "flow_prediction"))
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
-        if variance_type not in (None, "learned", "learned_range"):
-            raise ValueError(
-                f"variance_type must be None, 'learned' or 'learned_range', got {variance_type!r}"
-            )
         if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
         if algorithm_type == "sde-dpmsolver" and solver_order == 3:
@@ -313,6 +309,8 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         flow = c.use_flow_sigmas
         sigma = state.sigmas[state.step_index]
         alpha_t, sigma_t = _alpha_sigma(sigma, flow)
+        # Any other variance_type (None, or DDPM's "fixed_small" carried over by from_config)
+        # means the model predicts no variance channels, as in diffusers.
         learned = c.variance_type in ("learned", "learned_range")
         if learned and c.prediction_type == "epsilon":
             # The model also predicts its variance: keep the ε channels (NHWC: last axis).
