@@ -22,6 +22,7 @@ from jaxdiff.models.layers import (
     get_activation,
 )
 from jaxdiff.models.modeling_utils import FlaxModelMixin
+from jaxdiff.models.transformer_2d import BasicTransformerBlock, Transformer2DModel
 from jaxdiff.models.unet_2d import UNet2DModel, UNet2DOutput
 from jaxdiff.models.unet_2d_blocks import (
     AttnDownBlock2D,
@@ -30,11 +31,13 @@ from jaxdiff.models.unet_2d_blocks import (
     UNetMidBlock2D,
     UpBlock2D,
 )
+from jaxdiff.models.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 
 __all__ = [
     "Attention",
     "AutoencoderKL",
     "AutoencoderKLOutput",
+    "BasicTransformerBlock",
     "CLIPTextModel",
     "CLIPTextModelOutput",
     "DecoderOutput",
@@ -48,6 +51,9 @@ __all__ = [
     "ResnetBlock2D",
     "TimestepEmbedding",
     "Timesteps",
+    "Transformer2DModel",
+    "UNet2DConditionModel",
+    "UNet2DConditionOutput",
     "UNet2DModel",
     "UNet2DOutput",
     "UNetMidBlock2D",
