@@ -44,6 +44,35 @@ class UNet2DOutput:
     sample: Array
 
 
+def check_unet_inputs(sample: Array, timesteps: Array, in_channels: int, num_blocks: int) -> None:
+    """Validates a UNet's NHWC ``sample`` and its ``timesteps`` (at trace time: shapes are static).
+
+    Raises:
+        ValueError: naming the argument and the expected shape.
+    """
+    if sample.ndim != 4:
+        raise ValueError(
+            f"sample must be a 4-D NHWC array (batch, height, width, {in_channels}), "
+            f"got shape {sample.shape}"
+        )
+    b, h, w, c = sample.shape
+    if c != in_channels:
+        raise ValueError(
+            f"sample has {c} channels (last axis, NHWC) but the model expects "
+            f"in_channels={in_channels}; got shape {sample.shape}"
+        )
+    factor = 2 ** (num_blocks - 1)
+    if h % factor or w % factor:
+        raise ValueError(
+            f"sample height and width must be multiples of {factor} "
+            f"(2 ** (len(block_out_channels) - 1)), got {h}x{w}"
+        )
+    if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, b)):
+        raise ValueError(
+            f"timesteps must be a scalar or a (batch,) = ({b},) array, got shape {timesteps.shape}"
+        )
+
+
 class UNet2DModel(FlaxModelMixin, nn.Module):
     r"""The 2-D UNet of DDPM (*Ho et al. (2020), App. B*), diffusers' ``UNet2DModel``.
 
@@ -188,28 +217,7 @@ class UNet2DModel(FlaxModelMixin, nn.Module):
             )
 
     def _check_inputs(self, sample: Array, timesteps: Array) -> None:
-        if sample.ndim != 4:
-            raise ValueError(
-                f"sample must be a 4-D NHWC array (batch, height, width, {self.in_channels}), "
-                f"got shape {sample.shape}"
-            )
-        b, h, w, c = sample.shape
-        if c != self.in_channels:
-            raise ValueError(
-                f"sample has {c} channels (last axis, NHWC) but the model expects "
-                f"in_channels={self.in_channels}; got shape {sample.shape}"
-            )
-        factor = 2 ** (len(self.block_out_channels) - 1)
-        if h % factor or w % factor:
-            raise ValueError(
-                f"sample height and width must be multiples of {factor} "
-                f"(2 ** (len(block_out_channels) - 1)), got {h}x{w}"
-            )
-        if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, b)):
-            raise ValueError(
-                f"timesteps must be a scalar or a (batch,) = ({b},) array, got shape "
-                f"{timesteps.shape}"
-            )
+        check_unet_inputs(sample, timesteps, self.in_channels, len(self.block_out_channels))
 
     # ---------------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxdiff.models.embeddings import TimestepEmbedding, Timesteps
 from jaxdiff.models.layers import apply_norm, conv, get_activation, group_norm
 from jaxdiff.models.modeling_utils import FlaxModelMixin
+from jaxdiff.models.unet_2d import check_unet_inputs
 from jaxdiff.models.unet_2d_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
 from jaxdiff.models.unet_2d_condition_blocks import (
     CrossAttnDownBlock2D,
@@ -278,28 +279,8 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
     # Input validation (at trace time: shapes are static)
 
     def _check_inputs(self, sample: Array, timesteps: Array, context: Array) -> None:
-        if sample.ndim != 4:
-            raise ValueError(
-                f"sample must be a 4-D NHWC array (batch, height, width, {self.in_channels}), "
-                f"got shape {sample.shape}"
-            )
-        b, h, w, c = sample.shape
-        if c != self.in_channels:
-            raise ValueError(
-                f"sample has {c} channels (last axis, NHWC) but the model expects "
-                f"in_channels={self.in_channels}; got shape {sample.shape}"
-            )
-        factor = 2 ** (len(self.block_out_channels) - 1)
-        if h % factor or w % factor:
-            raise ValueError(
-                f"sample height and width must be multiples of {factor} "
-                f"(2 ** (len(block_out_channels) - 1)), got {h}x{w}"
-            )
-        if timesteps.ndim > 1 or (timesteps.ndim == 1 and timesteps.shape[0] not in (1, b)):
-            raise ValueError(
-                f"timesteps must be a scalar or a (batch,) = ({b},) array, "
-                f"got shape {timesteps.shape}"
-            )
+        check_unet_inputs(sample, timesteps, self.in_channels, len(self.block_out_channels))
+        b = sample.shape[0]
         if context.ndim != 3:
             raise ValueError(
                 "encoder_hidden_states must have shape (batch, sequence, cross_attention_dim="

@@ -212,12 +212,20 @@ def test_bf16_model_output_keeps_fp32_arithmetic():
             },
             "third-order",
         ),
-        ({"variance_type": "fixed"}, "variance_type"),
     ],
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DPMSolverMultistepScheduler(**kwargs)
+
+
+def test_non_learned_variance_types_are_accepted_as_in_diffusers():
+    """A DDPM config swapped in carries variance_type="fixed_small": no variance channels."""
+    sched = DPMSolverMultistepScheduler(variance_type="fixed_small")
+    state = sched.set_timesteps(3, shape=(1, 2, 2, 3))
+    x = jnp.ones((1, 2, 2, 3))
+    out = sched.step(state, 0.5 * x, state.timesteps[0], x)
+    assert out.prev_sample.shape == x.shape
 
 
 @pytest.mark.parametrize("n", [0, 1001])
