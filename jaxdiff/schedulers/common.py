@@ -191,6 +191,36 @@ def check_sample(sample: jax.Array, name: str = "sample") -> None:
         raise ValueError(f"{name} must be an array with a batch axis, got a scalar")
 
 
+def check_step_inputs(
+    model_output: jax.Array,
+    sample: jax.Array,
+    learned_variance: bool = False,
+    history: jax.Array | None = None,
+) -> None:
+    """Shape checks of ``step`` (static, so they cost nothing under jit).
+
+    Args:
+        model_output: must have the sample's shape, or twice its channels on the last axis when
+            the scheduler's ``variance_type`` is learned.
+        sample: x_t, with a batch axis.
+        history: a fixed-shape history buffer of the state, ``(order, *sample.shape)``.
+
+    Raises:
+        ValueError: naming the argument, its shape and the expected shape.
+    """
+    check_sample(sample)
+    got, want = tuple(jnp.shape(model_output)), tuple(jnp.shape(sample))
+    doubled = want[:-1] + (2 * want[-1],)
+    if got != want and not (learned_variance and got == doubled):
+        extra = f" or {doubled} (learned variance)" if learned_variance else ""
+        raise ValueError(f"model_output must have the sample's shape {want}{extra}, got {got}")
+    if history is not None and tuple(history.shape[1:]) != want:
+        raise ValueError(
+            f"sample has shape {want} but the state was made for {tuple(history.shape[1:])}: "
+            "call set_timesteps(num_inference_steps, shape=sample.shape)"
+        )
+
+
 def bcast(x: jax.Array, like: jax.Array) -> jax.Array:
     """Reshapes a per-example (B,) or scalar coefficient to broadcast against ``like``."""
     x = jnp.asarray(x)

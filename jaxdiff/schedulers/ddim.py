@@ -46,7 +46,7 @@ from jaxdiff.schedulers.common import (
     alpha_bar_from_betas,
     check_choice,
     check_num_inference_steps,
-    check_sample,
+    check_step_inputs,
     rescale_zero_terminal_snr,
     resolve_noise,
     spaced_timesteps,
@@ -195,7 +195,7 @@ class DDIMScheduler(SchedulerMixin):
         Returns:
             ``SchedulerOutput(prev_sample, state, pred_original_sample)``.
         """
-        check_sample(sample)
+        check_step_inputs(model_output, sample)
         c = self.config
         out_dtype = sample.dtype
         x_t = sample.astype(jnp.float32)

@@ -50,7 +50,7 @@ from jaxdiff.schedulers.common import (
     alpha_bar_from_betas,
     check_choice,
     check_num_inference_steps,
-    check_sample,
+    check_step_inputs,
     linspace_f32,
     rescale_zero_terminal_snr,
     resolve_noise,
@@ -228,7 +228,9 @@ class DDPMScheduler(SchedulerMixin):
         Returns:
             ``SchedulerOutput(prev_sample, state, pred_original_sample)``.
         """
-        check_sample(sample)
+        check_step_inputs(
+            model_output, sample, self.config.variance_type in ("learned", "learned_range")
+        )
         c = self.config
         out_dtype = sample.dtype
         x_t = sample.astype(jnp.float32)

@@ -60,7 +60,7 @@ from jaxdiff.schedulers.common import (
     SchedulerOutput,
     check_choice,
     check_num_inference_steps,
-    check_sample,
+    check_step_inputs,
     resolve_noise,
     threshold_sample,
 )
@@ -468,7 +468,12 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         Returns:
             ``SchedulerOutput(prev_sample, state, None)`` (diffusers' step returns no x̂₀).
         """
-        check_sample(sample)
+        check_step_inputs(
+            model_output,
+            sample,
+            self.config.variance_type in ("learned", "learned_range"),
+            state.model_outputs,
+        )
         c = self.config
         out_dtype = sample.dtype
         x = sample.astype(jnp.float32)

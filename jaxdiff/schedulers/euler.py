@@ -58,7 +58,7 @@ from jaxdiff.schedulers.common import (
     bcast,
     check_choice,
     check_num_inference_steps,
-    check_sample,
+    check_step_inputs,
     make_betas,
     rescale_zero_terminal_snr,
     resolve_noise,
@@ -382,7 +382,7 @@ class EulerDiscreteScheduler(SchedulerMixin):
         Returns:
             ``SchedulerOutput(prev_sample, state, pred_original_sample)``.
         """
-        check_sample(sample)
+        check_step_inputs(model_output, sample)
         out_dtype = sample.dtype
         x = sample.astype(jnp.float32)
         model_output = model_output.astype(jnp.float32)

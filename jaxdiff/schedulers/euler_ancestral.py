@@ -39,7 +39,7 @@ from jaxdiff.schedulers.common import (
     SchedulerOutput,
     check_choice,
     check_num_inference_steps,
-    check_sample,
+    check_step_inputs,
     resolve_noise,
 )
 from jaxdiff.schedulers.euler import (
@@ -142,7 +142,7 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
     ) -> SchedulerOutput:
         r"""One ancestral Euler step :math:`\sigma_i \to \sigma_{i+1}` (stochastic: needs ``key``
         or ``noise``). ``timestep`` is unused: the step is located by ``state.step_index``."""
-        check_sample(sample)
+        check_step_inputs(model_output, sample)
         out_dtype = sample.dtype
         x = sample.astype(jnp.float32)
         model_output = model_output.astype(jnp.float32)

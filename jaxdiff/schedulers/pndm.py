@@ -47,7 +47,7 @@ from jaxdiff.schedulers.common import (
     SchedulerOutput,
     check_choice,
     check_num_inference_steps,
-    check_sample,
+    check_step_inputs,
     check_timestep_range,
 )
 
@@ -251,12 +251,10 @@ class PNDMScheduler(SchedulerMixin):
             ``SchedulerOutput(prev_sample, state, None)``.
         """
         del key, noise
-        check_sample(sample)
+        check_step_inputs(model_output, sample, history=state.ets)
         out_dtype = sample.dtype
         x = sample.astype(jnp.float32)
         e = model_output.astype(jnp.float32)
-        if e.shape != x.shape:
-            raise ValueError(f"model_output must have the sample's shape {x.shape}, got {e.shape}")
         if state.ets is None:  # eager loop without a shape: make the history now
             buf_dtype = sample.dtype
             state = state.replace(

@@ -139,3 +139,25 @@ def test_spaced_timesteps_match_diffusers(spacing):
         np.testing.assert_array_equal(
             spaced_timesteps(spacing, t_max, n, offset), ref.timesteps.numpy()
         )
+
+
+@pytest.mark.parametrize(
+    "name", ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
+             "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"]
+)
+def test_wrong_shapes_are_named(name):
+    from jaxdiff import schedulers
+
+    sched = getattr(schedulers, name)()
+    shape = (2, 4, 4, 3)
+    state = sched.set_timesteps(5, shape=shape)
+    x = jnp.ones(shape)
+    t = state.timesteps[0]
+    with pytest.raises(ValueError, match=r"model_output must have the sample's shape \(2, 4, 4, 3\)"):
+        sched.step(state, jnp.ones((2, 4, 4)), t, x, noise=x)
+    with pytest.raises(ValueError, match="sample must be an array with a batch axis"):
+        sched.step(state, jnp.ones(()), t, jnp.ones(()), noise=jnp.ones(()))
+    if name in ("PNDMScheduler", "DPMSolverMultistepScheduler"):
+        y = jnp.ones((1, 4, 4, 3))
+        with pytest.raises(ValueError, match=r"the state was made for \(2, 4, 4, 3\)"):
+            sched.step(state, y, t, y)
