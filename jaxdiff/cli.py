@@ -1,7 +1,8 @@
-"""``jaxdiff`` command line: ``jaxdiff generate ...``.
+"""``jaxdiff`` command line: ``jaxdiff generate ...`` and ``jaxdiff train ...``.
 
     jaxdiff generate --model PATH_OR_REPO --steps 50 --scheduler ddim --seed 0 --batch 16 \\
         --out grid.png
+    jaxdiff train --data cifar10-cats --resolution 32 --steps 20000 --batch 64 --out runs/cats
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="grid.png", help="output PNG (a grid of all images)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    from jaxdiff.training.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 
@@ -112,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "generate":
         return generate(args)
+    if args.command == "train":
+        from jaxdiff.training.cli import run_train
+
+        return run_train(args)
     return _fail(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it
 
 
