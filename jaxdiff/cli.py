@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch", type=_positive_int, default=4, help="number of images")
     gen.add_argument("--eta", type=float, default=None, help="DDIM eta (DDIM scheduler only)")
     gen.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="compute dtype"
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="compute dtype",
     )
     gen.add_argument("--out", default="grid.png", help="output PNG (a grid of all images)")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")

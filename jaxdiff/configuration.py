@@ -41,7 +41,6 @@ USE_DEFAULT_VALUES = "_use_default_values"
 _BOOKKEEPING = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
 
 
-
 def _jsonable(value: Any) -> Any:
     """Turns tuples, numpy and jax values into plain JSON values (lists, floats, ints)."""
     if isinstance(value, Mapping):

@@ -183,4 +183,6 @@ def list_files(
         )
     except Exception as err:  # noqa: BLE001 - reported as one clear error
         raise HubFileNotFoundError(f"Could not list the files of Hub repo {name!r}: {err}") from err
-    return sorted(f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :])
+    return sorted(
+        f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]
+    )

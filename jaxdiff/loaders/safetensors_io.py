@@ -111,7 +111,9 @@ def save_file(
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         key = np.dtype(arr.dtype).newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
         if key not in _NAMES:
-            raise TypeError(f"tensor {name!r} has dtype {arr.dtype}, which safetensors cannot store")
+            raise TypeError(
+                f"tensor {name!r} has dtype {arr.dtype}, which safetensors cannot store"
+            )
         header[name] = {
             "dtype": _NAMES[key],
             "shape": list(arr.shape),

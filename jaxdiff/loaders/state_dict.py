@@ -73,7 +73,9 @@ def key_table(
     """The explicit table {flax path: (torch key, layout)} for a params (shape) tree."""
     flat = traverse_util.flatten_dict(param_shapes)
     list_names = tuple(list_names)
-    return {path: torch_key(path, len(leaf.shape), list_names, rename) for path, leaf in flat.items()}
+    return {
+        path: torch_key(path, len(leaf.shape), list_names, rename) for path, leaf in flat.items()
+    }
 
 
 def torch_to_flax(
@@ -114,9 +116,7 @@ def torch_to_flax(
         out[path] = value
     used = {key for key, _ in table.values()}
     unexpected = [
-        k
-        for k in state_dict
-        if k not in used and not (ignore_unexpected and ignore_unexpected(k))
+        k for k in state_dict if k not in used and not (ignore_unexpected and ignore_unexpected(k))
     ]
     if missing or unexpected or mismatched:
         parts = [f"The weights do not match {model_name}:"]

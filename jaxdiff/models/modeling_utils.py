@@ -32,7 +32,9 @@ def check_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
     try:
         dt = jnp.dtype(dtype)
     except TypeError as err:
-        raise TypeError(f"{name} must be jnp.float32, jnp.float16 or jnp.bfloat16, got {dtype!r}") from err
+        raise TypeError(
+            f"{name} must be jnp.float32, jnp.float16 or jnp.bfloat16, got {dtype!r}"
+        ) from err
     if dt not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
         raise TypeError(f"{name} must be jnp.float32, jnp.float16 or jnp.bfloat16, got {dt}")
     return dt
@@ -41,7 +43,9 @@ def check_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
 def cast_floating(tree: Any, dtype: Any) -> Any:
     """Casts every floating leaf of a pytree to ``dtype`` (integer leaves are left alone)."""
     return jax.tree_util.tree_map(
-        lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
+        lambda x: (
+            jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x
+        ),
         tree,
     )
 
@@ -121,7 +125,9 @@ class FlaxModelMixin(ModelConfigMixin):
         """
         dtype = check_dtype(dtype)
         hub_kwargs = hub.pop_hub_kwargs(kwargs)
-        config = load_config(pretrained_model_name_or_path, subfolder, cls.config_name, **hub_kwargs)
+        config = load_config(
+            pretrained_model_name_or_path, subfolder, cls.config_name, **hub_kwargs
+        )
         module = cls.from_config(config, dtype=dtype, **kwargs)
         files = find_weight_files(
             pretrained_model_name_or_path,
@@ -159,5 +165,9 @@ class FlaxModelMixin(ModelConfigMixin):
             params = cast_floating(params, check_dtype(dtype))
         self.save_config(save_directory)
         tensors = {k: np.asarray(v) for k, v in self.state_dict(params).items()}
-        name = f"{self.weights_name}.{variant}.safetensors" if variant else f"{self.weights_name}.safetensors"
+        name = (
+            f"{self.weights_name}.{variant}.safetensors"
+            if variant
+            else f"{self.weights_name}.safetensors"
+        )
         save_file(tensors, os.path.join(os.fspath(save_directory), name), metadata={"format": "pt"})

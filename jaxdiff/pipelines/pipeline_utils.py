@@ -71,7 +71,9 @@ def scheduler_class(name: str) -> type:
     """A scheduler class from its class name or a short name (``ddim``, ``euler_a``, ``dpm++``)."""
     full = SCHEDULER_NAMES.get(name.lower(), name)
     if not full.endswith("Scheduler") or full not in COMPONENT_CLASSES:
-        choices = sorted(SCHEDULER_NAMES) + [k for k in COMPONENT_CLASSES if k.endswith("Scheduler")]
+        choices = sorted(SCHEDULER_NAMES) + [
+            k for k in COMPONENT_CLASSES if k.endswith("Scheduler")
+        ]
         raise ValueError(f"unknown scheduler {name!r}; choose one of {choices}")
     return import_class(full, COMPONENT_CLASSES, "scheduler")
 
@@ -92,7 +94,9 @@ class DiffusionPipeline:
 
     _components: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, params: dict[str, Any] | None = None, dtype: Any = jnp.float32, **components):
+    def __init__(
+        self, params: dict[str, Any] | None = None, dtype: Any = jnp.float32, **components
+    ):
         missing = [n for n in self._components if components.get(n) is None]
         if missing:
             raise ValueError(f"{type(self).__name__} needs the component(s) {missing}")
@@ -175,12 +179,15 @@ class DiffusionPipeline:
             if not (isinstance(entry, (list, tuple)) and len(entry) == 2) or entry[1] is None:
                 raise ValueError(
                     f"{MODEL_INDEX} of {pretrained_model_name_or_path} has no component "
-                    f"{comp!r} (expected e.g. \"{comp}\": [\"diffusers\", \"ClassName\"])"
+                    f'{comp!r} (expected e.g. "{comp}": ["diffusers", "ClassName"])'
                 )
             comp_cls = import_class(entry[1], COMPONENT_CLASSES, "component class")
             if hasattr(comp_cls, "apply"):
                 components[comp], params[comp] = comp_cls.from_pretrained(
-                    pretrained_model_name_or_path, subfolder=comp, dtype=dtype, variant=variant,
+                    pretrained_model_name_or_path,
+                    subfolder=comp,
+                    dtype=dtype,
+                    variant=variant,
                     **hub_kwargs,
                 )
             else:

@@ -63,8 +63,13 @@ class UnconditionalPipeline(DiffusionPipeline):
                 step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
                 x_T = sampling.per_image_normal(init_keys, shape) * state.init_noise_sigma
                 x_0 = sampling.denoise(
-                    model_fn, scheduler, state, x_T, step_keys,
-                    step_kwargs={**step_kwargs, **dict(static_kwargs)}, progress_id=progress_id,
+                    model_fn,
+                    scheduler,
+                    state,
+                    x_T,
+                    step_keys,
+                    step_kwargs={**step_kwargs, **dict(static_kwargs)},
+                    progress_id=progress_id,
                 )
                 return jnp.clip(x_0.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -102,7 +107,11 @@ class UnconditionalPipeline(DiffusionPipeline):
             **step_options: scheduler step options (``eta``, ``use_clipped_model_output`` for
                 DDIM).
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, (int, np.integer))
+            or batch_size < 1
+        ):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
@@ -124,7 +133,10 @@ class UnconditionalPipeline(DiffusionPipeline):
         params = self.params["unet"]
         if use_pmap:
             images = self._pmap_sample(
-                params, keys, state, {**step_kwargs, **dict(static_kwargs)},
+                params,
+                keys,
+                state,
+                {**step_kwargs, **dict(static_kwargs)},
                 (padded, h, w, c.in_channels),
             )
         else:
@@ -135,7 +147,10 @@ class UnconditionalPipeline(DiffusionPipeline):
             total = int(state.timesteps.shape[0])
             with sampling.ScanProgress(total, enabled=progress) as bar:
                 images = self._sample_fn(mesh, static_kwargs)(
-                    params, keys, state, step_kwargs,
+                    params,
+                    keys,
+                    state,
+                    step_kwargs,
                     jnp.asarray(bar.id) if progress else None,
                     shape=(padded, h, w, c.in_channels),
                 )

@@ -251,7 +251,9 @@ def x0_hat_eps_hat(
         x0_hat = sqrt_a * x_t - sqrt_1ma * model_output
         eps_hat = sqrt_a * model_output + sqrt_1ma * x_t
     else:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        raise ValueError(
+            f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+        )
     return x0_hat, eps_hat
 
 

@@ -45,8 +45,10 @@ def make_image_grid(
         rows, cols: the grid; ``len(images)`` must equal ``rows * cols``.
         resize: optional square size each image is resized to first.
     """
-    if isinstance(images, np.ndarray) or hasattr(images, "__array__") and not isinstance(
-        images, (list, tuple)
+    if (
+        isinstance(images, np.ndarray)
+        or hasattr(images, "__array__")
+        and not isinstance(images, (list, tuple))
     ):
         images = numpy_to_pil(np.asarray(images))
     images = list(images)

@@ -11,8 +11,13 @@ class ToyScheduler(ConfigMixin):
     config_name = "scheduler_config.json"
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
-                 trained_betas=None, required_thing=None):
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        required_thing=None,
+    ):
         self.ready = True
 
 
@@ -63,7 +68,9 @@ def test_from_config_accepts_dict_config_and_object():
 
 def test_unknown_keys_warn_and_round_trip(tmp_path):
     (tmp_path / "scheduler_config.json").write_text(
-        json.dumps({"_class_name": "ToyScheduler", "num_train_timesteps": 5, "future_field": [1, 2]})
+        json.dumps(
+            {"_class_name": "ToyScheduler", "num_train_timesteps": 5, "future_field": [1, 2]}
+        )
     )
     with pytest.warns(UserWarning, match="future_field"):
         s = ToyScheduler.from_pretrained(tmp_path)
@@ -81,7 +88,10 @@ def test_missing_required_field_is_named():
 def test_subfolder_and_missing_config(tmp_path):
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": 9}')
-    assert ToyScheduler.from_pretrained(tmp_path, subfolder="scheduler").config.num_train_timesteps == 9
+    assert (
+        ToyScheduler.from_pretrained(tmp_path, subfolder="scheduler").config.num_train_timesteps
+        == 9
+    )
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
         ToyScheduler.from_pretrained(tmp_path)
 
@@ -106,7 +116,9 @@ def test_defaults_are_not_carried_across_classes_as_in_diffusers():
 
     in_memory = DDPMScheduler(beta_schedule="linear")
     assert "timestep_spacing" in in_memory.config._use_default_values
-    assert EulerDiscreteScheduler.from_config(in_memory.config).config.timestep_spacing == "linspace"
+    assert (
+        EulerDiscreteScheduler.from_config(in_memory.config).config.timestep_spacing == "linspace"
+    )
     explicit = DDPMScheduler(timestep_spacing="leading")
     assert EulerDiscreteScheduler.from_config(explicit.config).config.timestep_spacing == "leading"
     assert "_use_default_values" not in in_memory.config.to_json_string()

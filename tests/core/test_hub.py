@@ -8,7 +8,9 @@ from jaxdiff import hub
 def test_local_folder_file(tmp_path):
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text("{}")
-    assert hub.resolve_file(tmp_path, "config.json", "unet") == str(tmp_path / "unet" / "config.json")
+    assert hub.resolve_file(tmp_path, "config.json", "unet") == str(
+        tmp_path / "unet" / "config.json"
+    )
 
 
 def test_local_missing_file_names_file_and_contents(tmp_path):
@@ -41,7 +43,11 @@ def test_repo_id_served_from_the_huggingface_cache(tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     path = hub.resolve_file(
-        "owner/tiny", "scheduler_config.json", "scheduler", cache_dir=tmp_path, local_files_only=True
+        "owner/tiny",
+        "scheduler_config.json",
+        "scheduler",
+        cache_dir=tmp_path,
+        local_files_only=True,
     )
     assert path.endswith("scheduler/scheduler_config.json")
     from jaxdiff.schedulers.common import SchedulerMixin  # noqa: F401 - package import check

@@ -95,8 +95,12 @@ def test_find_single_variant_and_sharded_files(tmp_path):
     assert read_state_dict(fp16)["a"].dtype == np.float16
 
     shard = tmp_path / "sharded"
-    _write(shard / "diffusion_pytorch_model-00001-of-00002.safetensors", {"a": np.ones(2, np.float32)})
-    _write(shard / "diffusion_pytorch_model-00002-of-00002.safetensors", {"b": np.zeros(3, np.float32)})
+    _write(
+        shard / "diffusion_pytorch_model-00001-of-00002.safetensors", {"a": np.ones(2, np.float32)}
+    )
+    _write(
+        shard / "diffusion_pytorch_model-00002-of-00002.safetensors", {"b": np.zeros(3, np.float32)}
+    )
     (shard / "diffusion_pytorch_model.safetensors.index.json").write_text(
         json.dumps(
             {

@@ -78,8 +78,9 @@ def test_seed_changes_do_not_recompile(pipe):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     a = pipe(batch_size=2, num_inference_steps=3, seed=0, output_type="np", progress=False)
     b = pipe(batch_size=2, num_inference_steps=3, seed=1, output_type="np", progress=False)
-    c = pipe(batch_size=2, num_inference_steps=3, key=jax.random.key(0), output_type="np",
-             progress=False)
+    c = pipe(
+        batch_size=2, num_inference_steps=3, key=jax.random.key(0), output_type="np", progress=False
+    )
     fn = pipe._sample_fn(None)
     assert fn._cache_size() == 1
     assert not np.allclose(a.images, b.images)
@@ -199,10 +200,16 @@ def _run_devices(tiny_dir, tmp_path, n):
     script = tmp_path / "multi.py"
     script.write_text(_MULTI)
     out = tmp_path / f"out{n}.npz"
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, str(script), str(tiny_dir), str(out), str(n)], check=True,
-                   env=env, cwd=Path(__file__).parents[2], timeout=600)
+    env = dict(
+        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu"
+    )
+    subprocess.run(
+        [sys.executable, str(script), str(tiny_dir), str(out), str(n)],
+        check=True,
+        env=env,
+        cwd=Path(__file__).parents[2],
+        timeout=600,
+    )
     return np.load(out)
 
 
@@ -220,8 +227,22 @@ def test_eight_devices_equal_one_device(tiny_dir, tmp_path):
 # ------------------------------------------------------------------ CLI
 def test_cli_generate_writes_a_grid(tiny_dir, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    args = ["generate", "--model", str(tiny_dir), "--steps", "3", "--scheduler", "ddim",
-            "--batch", "4", "--seed", "1", "--out", str(out), "--no-progress"]
+    args = [
+        "generate",
+        "--model",
+        str(tiny_dir),
+        "--steps",
+        "3",
+        "--scheduler",
+        "ddim",
+        "--batch",
+        "4",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert cli_main(args) == 0
     assert Image.open(out).size == (32, 32)  # 2 x 2 grid of 16 x 16 images
     assert cli_main(args) == 2

@@ -142,8 +142,15 @@ def test_spaced_timesteps_match_diffusers(spacing):
 
 
 @pytest.mark.parametrize(
-    "name", ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler",
-             "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"]
+    "name",
+    [
+        "DDPMScheduler",
+        "DDIMScheduler",
+        "PNDMScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+    ],
 )
 def test_wrong_shapes_are_named(name):
     from jaxdiff import schedulers
@@ -153,7 +160,9 @@ def test_wrong_shapes_are_named(name):
     state = sched.set_timesteps(5, shape=shape)
     x = jnp.ones(shape)
     t = state.timesteps[0]
-    with pytest.raises(ValueError, match=r"model_output must have the sample's shape \(2, 4, 4, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"model_output must have the sample's shape \(2, 4, 4, 3\)"
+    ):
         sched.step(state, jnp.ones((2, 4, 4)), t, x, noise=x)
     with pytest.raises(ValueError, match="sample must be an array with a batch axis"):
         sched.step(state, jnp.ones(()), t, jnp.ones(()), noise=jnp.ones(()))

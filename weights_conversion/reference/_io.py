@@ -23,7 +23,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def save_case(out_dir: str | os.PathLike, name: str, arrays: dict, meta: dict | None = None) -> None:
+def save_case(
+    out_dir: str | os.PathLike, name: str, arrays: dict, meta: dict | None = None
+) -> None:
     """Writes ``<out_dir>/<name>.safetensors`` (float arrays as float32/float64, ints as int64)
     and ``<out_dir>/<name>.json`` (``meta`` + library versions)."""
     out_dir = Path(out_dir)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from weights_conversion.reference._io import save_case
 
 UNET = dict(
