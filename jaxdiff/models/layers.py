@@ -126,16 +126,17 @@ class Conv2d(nn.Module):
             self.param_dtype,
         )
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if p:
-            x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        out_pixels = ((x.shape[1] - k) // s + 1) * ((x.shape[2] - k) // s + 1)
-        if k == 1 and s == 1:
+        out_h, out_w = ((size + 2 * p - k) // s + 1 for size in x.shape[1:3])
+        if k == 1 and s == 1 and p == 0:
             y = x @ kernel[0, 0]
-        elif out_pixels <= IM2COL_MAX_PIXELS:
+        elif out_h * out_w <= IM2COL_MAX_PIXELS:
+            x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
             y = _im2col(x, k, s) @ kernel.reshape(k * k * x.shape[-1], self.features)
         else:
+            # Padding inside the conv, not a jnp.pad before it: XLA:CPU's weight gradient of
+            # pad + VALID conv is 2.5x slower than that of the padded conv.
             y = jax.lax.conv_general_dilated(
-                x, kernel, (s, s), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+                x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC")
             )
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
