@@ -111,6 +111,8 @@ def denoise(
     step_kwargs: dict[str, Any] | None = None,
     progress_id: jax.Array | None = None,
     return_trajectory: bool = False,
+    begin_index: int = 0,
+    post_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Runs the reverse process from ``x_T`` with ``lax.scan``; jit it from the outside.
 
@@ -126,6 +128,10 @@ def denoise(
         step_kwargs: extra ``step`` arguments (e.g. ``{"eta": eta}`` for DDIM); may be traced.
         progress_id: from :class:`ScanProgress`, or None for no bar.
         return_trajectory: also return every step's sample, stacked on a new leading axis.
+        begin_index: start at ``state.timesteps[begin_index]`` (img2img's ``strength``, as
+            diffusers' ``set_begin_index``); ``state.step_index`` must already equal it.
+        post_step: ``(x_prev, i) -> x_prev``, applied after step ``i`` (inpainting's mask
+            blend).
 
     Returns:
         x_0, or (x_0, trajectory) when ``return_trajectory``.
@@ -143,11 +149,16 @@ def denoise(
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
         noise = per_image_normal(step_keys, x_t.shape, jnp.float32)
         out = scheduler.step(st, model_output, t, x_t, noise=noise, **step_kwargs)
-        ScanProgress.tick(progress_id, i)
+        ScanProgress.tick(progress_id, i - begin_index)
         x_prev = out.prev_sample.astype(x_t.dtype)
+        if post_step is not None:
+            x_prev = post_step(x_prev, i).astype(x_t.dtype)
         return (x_prev, out.state), (x_prev if return_trajectory else None)
 
-    (x_0, _), trajectory = jax.lax.scan(body, (x_T, state), jnp.arange(num_steps))
+    if not 0 <= begin_index < num_steps:
+        raise ValueError(f"begin_index must be in [0, {num_steps}), got {begin_index}")
+    steps = jnp.arange(begin_index, num_steps)
+    (x_0, _), trajectory = jax.lax.scan(body, (x_T, state), steps)
     return (x_0, trajectory) if return_trajectory else x_0
 
 

@@ -35,6 +35,8 @@ COMPONENT_CLASSES = {
     "UNet2DConditionModel": "jaxdiff.models.unet_2d_condition:UNet2DConditionModel",
     "AutoencoderKL": "jaxdiff.models.autoencoder_kl:AutoencoderKL",
     "CLIPTextModel": "jaxdiff.models.clip_text:CLIPTextModel",
+    "CLIPTokenizer": "jaxdiff.utils.tokenizer:CLIPTokenizer",
+    "CLIPTokenizerFast": "jaxdiff.utils.tokenizer:CLIPTokenizer",
     "DDPMScheduler": "jaxdiff.schedulers:DDPMScheduler",
     "DDIMScheduler": "jaxdiff.schedulers:DDIMScheduler",
     "PNDMScheduler": "jaxdiff.schedulers:PNDMScheduler",
@@ -46,6 +48,16 @@ COMPONENT_CLASSES = {
 PIPELINE_CLASSES = {
     "DDPMPipeline": "jaxdiff.pipelines.unconditional:DDPMPipeline",
     "DDIMPipeline": "jaxdiff.pipelines.unconditional:DDIMPipeline",
+    "StableDiffusionPipeline": "jaxdiff.pipelines.stable_diffusion:StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline": (
+        "jaxdiff.pipelines.stable_diffusion:StableDiffusionImg2ImgPipeline"
+    ),
+    "StableDiffusionInpaintPipeline": (
+        "jaxdiff.pipelines.stable_diffusion:StableDiffusionInpaintPipeline"
+    ),
+    "StableDiffusionDepth2ImgPipeline": (
+        "jaxdiff.pipelines.stable_diffusion:StableDiffusionDepth2ImgPipeline"
+    ),
 }
 SCHEDULER_NAMES = {
     "ddpm": "DDPMScheduler",

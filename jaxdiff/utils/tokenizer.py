@@ -98,6 +98,18 @@ def load_tokenizer(
     return cls.from_pretrained(folder)
 
 
+class CLIPTokenizer:
+    """The ``tokenizer`` component of a pipeline folder (``["transformers", "CLIPTokenizer"]``
+    in ``model_index.json``): ``CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")``
+    is :func:`load_tokenizer`, and returns transformers' tokenizer."""
+
+    @staticmethod
+    def from_pretrained(
+        path_or_repo: str | os.PathLike, subfolder: str | None = "tokenizer", **hub_kwargs
+    ) -> Any:
+        return load_tokenizer(path_or_repo, subfolder=subfolder, **hub_kwargs)
+
+
 def tokenize(
     tokenizer: Any, prompts: str | Sequence[str], max_length: int | None = None
 ) -> np.ndarray:

@@ -1,0 +1,844 @@
+r"""Stable Diffusion: text2img, img2img, inpaint and depth2img, each one compiled program.
+
+Latent diffusion (*Rombach et al. (2022)*): the UNet denoises VAE latents
+:math:`z = s\,\mathcal{E}(x)` (``s = vae.config.scaling_factor``), conditioned on the CLIP text
+encoder's hidden states :math:`c = \tau(y)`; classifier-free guidance (*Ho & Salimans (2022),
+Eq. 6*) mixes the conditional and unconditional predictions,
+
+.. math:: \tilde\epsilon = \epsilon_\theta(z_t, \varnothing) + w\,\big(\epsilon_\theta(z_t, c)
+          - \epsilon_\theta(z_t, \varnothing)\big),
+
+and the image is :math:`\mathcal{D}(z_0 / s)`. Text encoding, the scheduler loop
+(:func:`jaxdiff.sampling.denoise`) and the VAE decode are one jitted program per shape and
+static option; the prompt's token ids, the seed, ``guidance_scale`` and ``eta`` are arguments
+of that program, so changing them never recompiles.
+
+The tasks differ only in where :math:`z_T` comes from and what the UNet sees besides it:
+
+* text2img: :math:`z_T = \sigma_{init}\,\epsilon`;
+* img2img (SDEdit, *Meng et al. (2022)*): :math:`z_{t_b} = q(z_{t_b} \mid z_0 = s\,\mathcal{E}(x))`,
+  starting at step :math:`b = N - \lfloor N\cdot\text{strength} \rfloor`;
+* inpaint: a 9-channel UNet also sees the mask and the latents of the masked image; with a
+  4-channel UNet the known region is re-noised to :math:`q(z_{t_{i+1}} \mid z_0)` and blended in
+  after every step;
+* depth2img: a 5-channel UNet also sees the depth map, resized to the latents (bicubic, as
+  ``torch.nn.functional.interpolate``) and scaled to :math:`[-1, 1]` per image.
+
+Randomness: one key per image (``seed=`` or ``key=``); image ``b``'s starting noise, step noise
+and VAE posterior sample come from ``fold_in(keys[b], 0 | 1 | 2)``, so an image never depends
+on the batch it was made in, its padding or the device count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from jaxdiff import sampling
+from jaxdiff.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput, to_output
+from jaxdiff.pipelines.unconditional import resolve_key
+from jaxdiff.utils.tokenizer import tokenize
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+SIGMA_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+
+
+# ---------------------------------------------------------------------------- input handling
+def _check_size(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if value % 8:
+        raise ValueError(f"{name} must be a multiple of 8, got {value}")
+    return int(value)
+
+
+def _prompt_list(prompt: Any, name: str) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise TypeError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+
+
+def images_to_array(image: Any, name: str = "image") -> np.ndarray:
+    """PIL image(s) or a float array in [0, 1] ((H, W, C) or (B, H, W, C)) -> float32 NHWC RGB
+    in [-1, 1], as diffusers' ``VaeImageProcessor.preprocess``."""
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)) and image and isinstance(image[0], Image.Image):
+        sizes = {im.size for im in image}
+        if len(sizes) != 1:
+            raise ValueError(f"{name}: every image must have the same size, got {sorted(sizes)}")
+        arr = np.stack([np.asarray(im.convert("RGB"), np.float32) / 255.0 for im in image])
+    else:
+        arr = np.asarray(image, dtype=np.float32)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(
+                f"{name} must be PIL images or an array (B, H, W, 3) / (H, W, 3) in [0, 1], "
+                f"got shape {arr.shape}"
+            )
+        if arr.min() < 0 or arr.max() > 1:
+            raise ValueError(
+                f"{name} values must lie in [0, 1], got [{arr.min():.3g}, {arr.max():.3g}]"
+            )
+    return arr * 2.0 - 1.0
+
+
+def mask_to_array(mask: Any) -> np.ndarray:
+    """PIL mask(s) or an array ((H, W), (B, H, W) or (B, H, W, 1)) -> float32 (B, H, W, 1) of
+    0/1 (1 = repaint), binarised at 0.5 as diffusers' mask processor."""
+    if isinstance(mask, Image.Image):
+        mask = [mask]
+    if isinstance(mask, (list, tuple)) and mask and isinstance(mask[0], Image.Image):
+        arr = np.stack([np.asarray(m.convert("L"), np.float32) / 255.0 for m in mask])
+    else:
+        arr = np.asarray(mask, dtype=np.float32)
+        if arr.ndim == 4 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3:
+            raise ValueError(
+                f"mask_image must be PIL images or an array (B, H, W), (H, W) or (B, H, W, 1), "
+                f"got shape {arr.shape}"
+            )
+    return (arr >= 0.5).astype(np.float32)[..., None]
+
+
+def _match_batch(arr: np.ndarray, batch: int, name: str) -> np.ndarray:
+    if arr.shape[0] == batch:
+        return arr
+    if arr.shape[0] == 1:
+        return np.repeat(arr, batch, axis=0)
+    raise ValueError(f"{name} holds {arr.shape[0]} images for {batch} prompts (need 1 or {batch})")
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) matrix of ``torch.nn.functional.interpolate(mode="bicubic",
+    align_corners=False)`` along one axis: Keys' cubic convolution with :math:`A = -0.75`,
+    source :math:`(i + 0.5)\\,\\text{in}/\\text{out} - 0.5`, borders clamped."""
+    a = -0.75
+
+    def cubic(x):
+        x = np.abs(x)
+        return np.where(
+            x <= 1,
+            ((a + 2) * x - (a + 3)) * x * x + 1,
+            np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0),
+        )
+
+    src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    base = np.floor(src).astype(np.int64)
+    t = src - base
+    m = np.zeros((out_size, in_size), np.float64)
+    for k in (-1, 0, 1, 2):
+        idx = np.clip(base + k, 0, in_size - 1)
+        np.add.at(m, (np.arange(out_size), idx), cubic(t - k))
+    return m.astype(np.float32)
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source rows of ``interpolate(mode="nearest")``: ``floor(i * in / out)``."""
+    return np.minimum(np.floor(np.arange(out_size) * (in_size / out_size)), in_size - 1).astype(
+        np.int32
+    )
+
+
+def begin_index_for_strength(num_inference_steps: int, strength: float, order: int = 1) -> int:
+    """diffusers' ``get_timesteps``: skip the first ``N - floor(N * strength)`` steps."""
+    init = min(int(num_inference_steps * strength), num_inference_steps)
+    if init < 1:
+        raise ValueError(
+            f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step "
+            "to run; raise strength or num_inference_steps"
+        )
+    return max(num_inference_steps - init, 0) * order
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Everything static about one compiled program (a new value compiles a new program)."""
+
+    task: str
+    shape: tuple[int, ...]  # padded latent batch shape (B, h, w, C)
+    do_cfg: bool
+    clip_skip: int | None
+    output_type: str
+    given_embeds: bool
+    given_latents: bool
+    begin_index: int
+    sample_posterior: bool
+    fresh_start: bool  # inpaint: z_T is pure noise (strength 1 or latents given)
+
+
+class StableDiffusionPipeline(DiffusionPipeline):
+    r"""Text-to-image with Stable Diffusion (*Rombach et al. (2022)*).
+
+    ``DiffusionPipeline.from_pretrained(folder)`` returns it for a folder whose
+    ``model_index.json`` names ``StableDiffusionPipeline``::
+
+        pipe = DiffusionPipeline.from_pretrained("path/to/sd", dtype=jnp.bfloat16)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        images = pipe(["a photo of a cat"], num_inference_steps=20, seed=0).images
+    """
+
+    _components = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    task = "txt2img"
+    unet_extra_channels = 0
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ the program
+    def _encode_text(self, params, ids, clip_skip):
+        out = self.text_encoder.apply(
+            {"params": params}, ids, output_hidden_states=clip_skip is not None
+        )
+        if clip_skip is None:
+            return out.last_hidden_state
+        # diffusers' clip_skip: hidden_states[-(clip_skip + 1)], then the final layer norm.
+        h = out.hidden_states[-(clip_skip + 1)]
+        ln = nn.LayerNorm(epsilon=self.text_encoder.config.layer_norm_eps, dtype=jnp.float32)
+        norm_params = params["text_model"]["final_layer_norm"]
+        return ln.apply({"params": norm_params}, h.astype(jnp.float32)).astype(h.dtype)
+
+    def _vae_encode(self, params, image, keys, sample_posterior):
+        dist = self.vae.apply({"params": params}, image.astype(self.vae.dtype), method="encode")
+        dist = dist.latent_dist
+        if not sample_posterior:
+            return dist.mode() * self.vae.config.scaling_factor
+        eps = sampling.per_image_normal(keys, dist.mean.shape)
+        return (dist.mean + dist.std * eps) * self.vae.config.scaling_factor
+
+    def _noise_at(self, state, z0, noise, index):
+        r"""The forward process at inference step ``index``: :math:`q(z_{t_i} \mid z_0)` in the
+        scheduler's own parametrisation (diffusers' ``add_noise`` after ``set_begin_index``)."""
+        name = type(self.scheduler).__name__
+        if name in SIGMA_SCHEDULERS:  # x = z0 + sigma * eps (Karras et al. 2022)
+            return z0 + state.sigmas[index] * noise
+        if name == "DPMSolverMultistepScheduler":  # VP: alpha_t z0 + sigma_t eps
+            sigma = state.sigmas[index]
+            alpha_t = 1.0 / jnp.sqrt(sigma**2 + 1.0)
+            return alpha_t * z0 + sigma * alpha_t * noise
+        t = jnp.broadcast_to(state.timesteps[index], (z0.shape[0],))
+        return self.scheduler.add_noise(z0, noise, t)
+
+    def _program(self, spec: _Spec):
+        cache_key = ("sd", id(self.unet), id(self.vae), id(self.text_encoder))
+        cache_key += (id(self.scheduler), spec)
+        if cache_key in self._jit_cache:
+            return self._jit_cache[cache_key]
+        unet, vae, scheduler = self.unet, self.vae, self.scheduler
+
+        def run(params, batch, scalars, state, progress_id):
+            keys = batch["keys"]
+            init_keys, step_keys, vae_keys, masked_keys = (
+                jax.vmap(lambda k, j=j: jax.random.fold_in(k, j))(keys) for j in range(4)
+            )
+            if spec.given_embeds:
+                cond, uncond = batch["embeds"], batch["negative_embeds"]
+            else:
+                te = params["text_encoder"]
+                cond = self._encode_text(te, batch["ids"], spec.clip_skip)
+                uncond = self._encode_text(te, batch["negative_ids"], None) if spec.do_cfg else None
+            context = jnp.concatenate([uncond, cond]) if spec.do_cfg else cond
+            context = context.astype(unet.dtype)
+            if spec.given_latents:
+                noise = batch["latents"].astype(jnp.float32)
+            else:
+                noise = sampling.per_image_normal(init_keys, spec.shape)
+
+            extra = None
+            post_step = None
+            if spec.task == "txt2img":
+                z = noise * state.init_noise_sigma
+            else:
+                image = batch["image"]
+                z_image = self._vae_encode(params["vae"], image, vae_keys, spec.sample_posterior)
+                if spec.task == "inpaint" and spec.fresh_start:
+                    z = noise * state.init_noise_sigma
+                else:
+                    z = self._noise_at(state, z_image, noise, spec.begin_index)
+                if spec.task == "depth2img":
+                    extra = batch["depth"]
+                elif spec.task == "inpaint":
+                    mask = batch["mask"]  # (B, H, W, 1), 1 = repaint
+                    h, w = spec.shape[1:3]
+                    mask_lat = mask[:, nearest_indices(mask.shape[1], h)][
+                        :, :, nearest_indices(mask.shape[2], w)
+                    ]
+                    if unet.config.in_channels == 9:
+                        masked = image * (mask < 0.5)
+                        z_masked = self._vae_encode(
+                            params["vae"], masked, masked_keys, spec.sample_posterior
+                        )
+                        extra = jnp.concatenate([mask_lat, z_masked], axis=-1)
+                    else:
+                        n_steps = state.timesteps.shape[0]
+
+                        def post_step(x_prev, i):  # known region: re-noise to t_{i+1}, blend
+                            j = jnp.minimum(i + 1, n_steps - 1)
+                            known = self._noise_at(state, z_image, noise, j)
+                            known = jnp.where(i < n_steps - 1, known, z_image)
+                            return (1 - mask_lat) * known + mask_lat * x_prev
+
+            def model_fn(x, t):
+                if extra is not None:
+                    x = jnp.concatenate(
+                        [x, jnp.tile(extra, (x.shape[0] // extra.shape[0], 1, 1, 1))], -1
+                    )
+                t = jnp.broadcast_to(t, (x.shape[0],))
+                return unet.apply(
+                    {"params": params["unet"]}, x.astype(unet.dtype), t, context
+                ).sample
+
+            fn = model_fn
+            if spec.do_cfg:
+                fn = sampling.classifier_free_guidance(model_fn, scalars["guidance_scale"])
+            step_kwargs = {"eta": scalars["eta"]} if "eta" in scalars else {}
+            z0 = sampling.denoise(
+                fn,
+                scheduler,
+                state,
+                z,
+                step_keys,
+                step_kwargs=step_kwargs,
+                progress_id=progress_id,
+                begin_index=spec.begin_index,
+                post_step=post_step,
+            )
+            if spec.output_type == "latent":
+                return z0
+            x = vae.apply(
+                {"params": params["vae"]},
+                (z0 / vae.config.scaling_factor).astype(vae.dtype),
+                method="decode",
+            ).sample
+            return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+        self._jit_cache[cache_key] = jax.jit(run)
+        return self._jit_cache[cache_key]
+
+    # ------------------------------------------------------------------ shared call
+    def _prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg):
+        """-> (batch size, arrays for the program); validates the prompt arguments."""
+        arrays: dict[str, np.ndarray] = {}
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("pass prompt or prompt_embeds, not both")
+            emb = np.asarray(prompt_embeds, np.float32)
+            width = self.unet.config.cross_attention_dim
+            if emb.ndim != 3 or emb.shape[-1] != width:
+                raise ValueError(
+                    f"prompt_embeds must have shape (batch, seq, {width}), got {emb.shape}"
+                )
+            if negative_prompt is not None:
+                raise ValueError("with prompt_embeds, pass negative_prompt_embeds, not text")
+            if negative_prompt_embeds is None:
+                neg = np.asarray(self._encode_uncond(emb.shape[0], emb.shape[1]), np.float32)
+            else:
+                neg = np.asarray(negative_prompt_embeds, np.float32)
+            if neg.shape != emb.shape:
+                raise ValueError(
+                    f"negative_prompt_embeds must have the shape of prompt_embeds {emb.shape}, "
+                    f"got {neg.shape}"
+                )
+            arrays["embeds"], arrays["negative_embeds"] = emb, neg
+            return emb.shape[0], arrays
+        if prompt is None:
+            raise ValueError("pass prompt (a string or a list of strings) or prompt_embeds")
+        if negative_prompt_embeds is not None:
+            raise ValueError("negative_prompt_embeds needs prompt_embeds")
+        prompts = _prompt_list(prompt, "prompt")
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = _prompt_list(negative_prompt, "negative_prompt")
+            if len(negatives) != len(prompts):
+                raise ValueError(
+                    f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts: "
+                    "give one per prompt, a single string, or None"
+                )
+        arrays["ids"] = tokenize(self.tokenizer, prompts)
+        arrays["negative_ids"] = tokenize(self.tokenizer, negatives, arrays["ids"].shape[1])
+        return len(prompts), arrays
+
+    def _encode_uncond(self, batch: int, seq: int) -> jax.Array:
+        ids = tokenize(self.tokenizer, [""] * batch, seq)
+        return self.text_encoder.apply(
+            {"params": self.params["text_encoder"]}, ids
+        ).last_hidden_state
+
+    def _run(
+        self,
+        *,
+        prompt,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        height,
+        width,
+        num_inference_steps,
+        guidance_scale,
+        num_images_per_prompt,
+        key,
+        seed,
+        latents,
+        eta,
+        output_type,
+        progress,
+        clip_skip,
+        use_pmap,
+        strength=1.0,
+        sample_posterior=True,
+        image=None,
+        mask=None,
+        depth=None,
+    ) -> ImagePipelineOutput:
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
+            raise ValueError(
+                f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}"
+            )
+        if clip_skip is not None and not (
+            isinstance(clip_skip, int)
+            and 0 <= clip_skip < self.text_encoder.config.num_hidden_layers
+        ):
+            raise ValueError(
+                f"clip_skip must be an int in [0, {self.text_encoder.config.num_hidden_layers})"
+                f", got {clip_skip!r}"
+            )
+        do_cfg = guidance_scale > 1.0
+        n_prompts, arrays = self._prompts(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg
+        )
+        vsf = self.vae_scale_factor
+        default = self.unet.config.sample_size
+        default = default if isinstance(default, int) else default[0]
+        if image is not None:
+            height = image.shape[1] if height is None else height
+            width = image.shape[2] if width is None else width
+            if (height, width) != image.shape[1:3]:
+                raise ValueError(
+                    f"image is {image.shape[2]}x{image.shape[1]} (W x H) but height={height}, "
+                    f"width={width}: resize the image first"
+                )
+        height = _check_size("height", default * vsf if height is None else height)
+        width = _check_size("width", default * vsf if width is None else width)
+        total = n_prompts * int(num_images_per_prompt)
+
+        # One key per image. A (n,) key array must match the number of images.
+        base = resolve_key(key, seed)
+        if getattr(base, "ndim", 0) == 1 and base.shape[0] != total:
+            raise ValueError(
+                f"key holds {base.shape[0]} keys but {n_prompts} prompt(s) x "
+                f"num_images_per_prompt={num_images_per_prompt} make {total} images"
+            )
+        keys = sampling.image_keys(base, total)
+        per_image = {k: np.repeat(v, num_images_per_prompt, axis=0) for k, v in arrays.items()}
+        latent_shape = (total, height // vsf, width // vsf, self.unet.config.out_channels)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != latent_shape:
+                raise ValueError(
+                    f"latents must have shape {latent_shape} (images, height/{vsf}, width/{vsf}, "
+                    f"channels; NHWC), got {latents.shape}"
+                )
+            per_image["latents"] = latents
+        for name, value in (("image", image), ("mask", mask), ("depth", depth)):
+            if value is not None:
+                value = _match_batch(value, n_prompts, name if name != "mask" else "mask_image")
+                per_image[name] = np.repeat(value, num_images_per_prompt, axis=0)
+
+        steps = num_inference_steps
+        begin = 0
+        if self.task != "txt2img":
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+                raise TypeError(f"strength must be a number in [0, 1], got {strength!r}")
+            if not 0.0 <= strength <= 1.0:
+                raise ValueError(f"strength must be in [0, 1], got {strength}")
+            begin = begin_index_for_strength(steps, strength, getattr(self.scheduler, "order", 1))
+
+        n_dev = jax.local_device_count()
+        padded = sampling.padded_batch_size(total, n_dev)
+        if padded != total:
+            extra = jax.vmap(lambda i: jax.random.fold_in(keys[0], i))(
+                jnp.arange(total, padded) + 2**20
+            )
+            keys = jnp.concatenate([keys, extra])
+            per_image = {
+                k: np.concatenate([v, np.repeat(v[-1:], padded - total, axis=0)])
+                for k, v in per_image.items()
+            }
+        per_image["keys"] = keys
+        shape = (padded,) + latent_shape[1:]
+        spec = _Spec(
+            task=self.task,
+            shape=shape,
+            do_cfg=do_cfg,
+            clip_skip=clip_skip,
+            output_type=output_type,
+            given_embeds=prompt_embeds is not None,
+            given_latents=latents is not None,
+            begin_index=begin,
+            sample_posterior=bool(sample_posterior),
+            fresh_start=latents is not None or strength == 1.0,
+        )
+        scalars = {"guidance_scale": jnp.float32(guidance_scale)}
+        from jaxdiff.schedulers.ddim import DDIMScheduler
+
+        if isinstance(self.scheduler, DDIMScheduler):  # as diffusers: eta only where accepted
+            scalars["eta"] = jnp.float32(eta)
+        if self.task == "depth2img":
+            per_image["depth"] = self._prepare_depth(per_image["depth"], shape[1:3])
+        params = {n: self.params[n] for n in ("unet", "vae", "text_encoder")}
+
+        if use_pmap:
+            out = self._pmap_run(spec, params, per_image, scalars, steps)
+        else:
+            state = self.scheduler.set_timesteps(steps, shape=shape)
+            state = state.replace(step_index=jnp.asarray(begin, state.step_index.dtype))
+            mesh = sampling.batch_mesh() if n_dev > 1 else None
+            batch = {k: jnp.asarray(v) for k, v in per_image.items()}
+            if mesh is not None:
+                batch = {k: sampling.shard_batch(v, mesh) for k, v in batch.items()}
+                params = sampling.replicate(params, mesh)
+            total_steps = int(state.timesteps.shape[0]) - begin
+            with sampling.ScanProgress(total_steps, enabled=progress) as bar:
+                pid = jnp.asarray(bar.id) if progress else None
+                out = self._program(spec)(params, batch, scalars, state, pid)
+                out = jax.block_until_ready(out)
+        out = np.asarray(out)[:total]
+        if output_type == "latent":
+            return ImagePipelineOutput(images=out)
+        return to_output(out, output_type)
+
+    def _pmap_run(self, spec, params, per_image, scalars, steps):
+        n = jax.local_device_count()
+        per_dev = spec.shape[0] // n
+        spec_dev = _Spec(**{**spec.__dict__, "shape": (per_dev,) + spec.shape[1:]})
+        state = self.scheduler.set_timesteps(steps, shape=spec_dev.shape)
+        state = state.replace(step_index=jnp.asarray(spec.begin_index, state.step_index.dtype))
+        run = self._program(spec_dev).__wrapped__
+
+        def split(a):
+            a = jnp.asarray(a)
+            return a.reshape((n, a.shape[0] // n) + a.shape[1:])
+
+        batch = {k: split(v) for k, v in per_image.items()}
+        out = jax.pmap(lambda p, b, s, st: run(p, b, s, st, None), in_axes=(None, 0, None, None))(
+            params, batch, scalars, state
+        )
+        return out.reshape((-1,) + out.shape[2:])
+
+    def _prepare_depth(self, depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        key: jax.Array | None = None,
+        seed: int | None = None,
+        latents: Any = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        progress: bool = True,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        clip_skip: int | None = None,
+        use_pmap: bool = False,
+    ) -> ImagePipelineOutput:
+        """Generates images from text.
+
+        Args:
+            prompt: a prompt or a list of prompts (or pass ``prompt_embeds``).
+            negative_prompt: the unconditional text of classifier-free guidance: one string, or
+                one per prompt (default ``""``).
+            height, width: image size, multiples of 8 (default ``unet.sample_size * 8``).
+            num_inference_steps: scheduler steps.
+            guidance_scale: :math:`w` of classifier-free guidance; at most 1 turns it off.
+            num_images_per_prompt: images per prompt.
+            key / seed: a PRNG key, a ``(n_images,)`` array of keys (one per image), or an int.
+            latents: optional starting noise ``(n_images, height/8, width/8, 4)`` (NHWC); it is
+                multiplied by the scheduler's ``init_noise_sigma``, as in diffusers.
+            eta: DDIM's :math:`\\eta` (ignored by other schedulers, as in diffusers).
+            output_type: ``"pil"``, ``"np"`` (float (B, H, W, 3) in [0, 1]) or ``"latent"``.
+            progress: a progress bar driven from inside the compiled loop.
+            prompt_embeds, negative_prompt_embeds: precomputed text-encoder states
+                ``(batch, seq, cross_attention_dim)``.
+            clip_skip: use the text encoder's hidden state ``clip_skip`` layers before the last
+                (then its final layer norm), as diffusers.
+            use_pmap: ``jax.pmap`` over local devices instead of the sharded ``jit``.
+        """
+        return self._run(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            key=key,
+            seed=seed,
+            latents=latents,
+            eta=eta,
+            output_type=output_type,
+            progress=progress,
+            clip_skip=clip_skip,
+            use_pmap=use_pmap,
+        )
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
+    r"""Image-to-image (SDEdit, *Meng et al. (2022)*): noise the image's latents to step
+    :math:`b = N - \lfloor N\,\text{strength}\rfloor` and denoise from there."""
+
+    task = "img2img"
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        strength: float = 0.8,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        key: jax.Array | None = None,
+        seed: int | None = None,
+        noise: Any = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        progress: bool = True,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        clip_skip: int | None = None,
+        sample_posterior: bool = True,
+        use_pmap: bool = False,
+    ) -> ImagePipelineOutput:
+        """As :class:`StableDiffusionPipeline`, plus:
+
+        Args:
+            image: PIL image(s) or an array (B, H, W, 3) in [0, 1]; one, or one per prompt.
+                H and W must be multiples of 8.
+            strength: how much of the schedule to run, in [0, 1] (1: ignore the image).
+            noise: optional forward-process noise (n_images, H/8, W/8, 4) instead of the key's.
+            sample_posterior: sample the VAE posterior (diffusers' default) or take its mode.
+        """
+        if image is None:
+            raise ValueError("image is required: PIL image(s) or an array (B, H, W, 3) in [0, 1]")
+        return self._run(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            height=None,
+            width=None,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            key=key,
+            seed=seed,
+            latents=noise,
+            eta=eta,
+            output_type=output_type,
+            progress=progress,
+            clip_skip=clip_skip,
+            use_pmap=use_pmap,
+            strength=strength,
+            sample_posterior=sample_posterior,
+            image=images_to_array(image),
+        )
+
+
+class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
+    r"""Inpainting: repaint where ``mask_image`` is white. With a 9-channel inpainting UNet the
+    mask and the masked image's latents are extra UNet inputs; with a 4-channel UNet the known
+    region is re-noised and blended in after every step (the legacy method)."""
+
+    task = "inpaint"
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        strength: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        key: jax.Array | None = None,
+        seed: int | None = None,
+        latents: Any = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        progress: bool = True,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        clip_skip: int | None = None,
+        sample_posterior: bool = True,
+        use_pmap: bool = False,
+    ) -> ImagePipelineOutput:
+        """As :class:`StableDiffusionPipeline`, plus:
+
+        Args:
+            image: PIL image(s) or an array (B, H, W, 3) in [0, 1].
+            mask_image: PIL mask(s) or an array (B, H, W) in [0, 1], the image's size;
+                values >= 0.5 are repainted.
+            strength: as img2img; 1 starts from pure noise. ``latents`` (the noise) always
+                starts from pure noise, as in diffusers.
+        """
+        if image is None or mask_image is None:
+            raise ValueError("inpainting needs both image and mask_image")
+        in_ch = self.unet.config.in_channels
+        if in_ch not in (4, 9):
+            raise ValueError(
+                f"inpainting needs a 9-channel (inpainting) or 4-channel UNet, got in_channels="
+                f"{in_ch}"
+            )
+        image = images_to_array(image)
+        mask = mask_to_array(mask_image)
+        if mask.shape[1:3] != image.shape[1:3]:
+            raise ValueError(
+                f"mask_image is {mask.shape[2]}x{mask.shape[1]} but image is "
+                f"{image.shape[2]}x{image.shape[1]} (W x H): they must match"
+            )
+        return self._run(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            key=key,
+            seed=seed,
+            latents=latents,
+            eta=eta,
+            output_type=output_type,
+            progress=progress,
+            clip_skip=clip_skip,
+            use_pmap=use_pmap,
+            strength=strength,
+            sample_posterior=sample_posterior,
+            image=image,
+            mask=mask,
+        )
+
+
+class StableDiffusionDepth2ImgPipeline(StableDiffusionPipeline):
+    r"""Depth-conditioned image-to-image: a 5-channel UNet sees the latents and the depth map.
+
+    jaxdiff has no depth estimator yet: pass ``depth_map`` (an array (B, H, W) or PIL image).
+    """
+
+    task = "depth2img"
+
+    def _prepare_depth(self, depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        # diffusers' prepare_depth_map: bicubic resize to the latents, then per image
+        # 2 (d - min) / (max - min) - 1.
+        rows = torch_bicubic_matrix(depth.shape[1], size[0])
+        cols = torch_bicubic_matrix(depth.shape[2], size[1])
+        d = np.einsum("ih,bhw,jw->bij", rows, depth.astype(np.float32), cols)
+        lo = d.min(axis=(1, 2), keepdims=True)
+        hi = d.max(axis=(1, 2), keepdims=True)
+        return (2.0 * (d - lo) / (hi - lo) - 1.0)[..., None].astype(np.float32)
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        depth_map: Any = None,
+        strength: float = 0.8,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        key: jax.Array | None = None,
+        seed: int | None = None,
+        noise: Any = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        progress: bool = True,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        clip_skip: int | None = None,
+        sample_posterior: bool = True,
+        use_pmap: bool = False,
+    ) -> ImagePipelineOutput:
+        """As :class:`StableDiffusionImg2ImgPipeline`, plus ``depth_map``: (B, H, W) or (H, W)
+        array, or PIL image(s), any size (resized to the latents)."""
+        if image is None:
+            raise ValueError("image is required: PIL image(s) or an array (B, H, W, 3) in [0, 1]")
+        if depth_map is None:
+            raise ValueError(
+                "depth2img needs depth_map (an array (B, H, W) or PIL image): jaxdiff has no "
+                "depth estimator component yet"
+            )
+        if self.unet.config.in_channels != 5:
+            raise ValueError(
+                f"depth2img needs a 5-channel depth UNet, got in_channels="
+                f"{self.unet.config.in_channels}"
+            )
+        if isinstance(depth_map, Image.Image):
+            depth_map = [depth_map]
+        if isinstance(depth_map, (list, tuple)) and isinstance(depth_map[0], Image.Image):
+            depth = np.stack([np.asarray(d, np.float32) for d in depth_map])
+        else:
+            depth = np.asarray(depth_map, np.float32)
+        if depth.ndim == 2:
+            depth = depth[None]
+        if depth.ndim != 3:
+            raise ValueError(f"depth_map must be (B, H, W) or (H, W), got shape {depth.shape}")
+        return self._run(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            height=None,
+            width=None,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt,
+            key=key,
+            seed=seed,
+            latents=noise,
+            eta=eta,
+            output_type=output_type,
+            progress=progress,
+            clip_skip=clip_skip,
+            use_pmap=use_pmap,
+            strength=strength,
+            sample_posterior=sample_posterior,
+            image=images_to_array(image),
+            depth=depth,
+        )
