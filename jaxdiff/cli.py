@@ -1,8 +1,9 @@
-"""``jaxdiff`` command line: ``jaxdiff generate ...`` and ``jaxdiff train ...``.
+"""``jaxdiff`` command line: ``jaxdiff generate ...``, ``jaxdiff train ...``, ``jaxdiff bench``.
 
     jaxdiff generate --model PATH_OR_REPO --steps 50 --scheduler ddim --seed 0 --batch 16 \\
         --out grid.png
     jaxdiff train --data cifar10-cats --resolution 32 --steps 20000 --batch 64 --out runs/cats
+    jaxdiff bench [--quick] [--only NAME] [--out DIR] [--list]   # from a source checkout
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 import time
 from importlib import resources
+from pathlib import Path
 
 DEFAULT_MODEL_DIR = "assets/ddpm-cats-32"
 
@@ -63,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxdiff.training.cli import add_train_parser
 
     add_train_parser(sub)
+    # Options belong to the runner (benchmarks/__main__.py) and are parsed there: see bench().
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="run the jaxdiff vs PyTorch benchmark suite (source checkout only; -h for options)",
+    )
     return parser
 
 
@@ -116,8 +124,36 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench(argv: list[str]) -> int:
+    """``jaxdiff bench``: ``python -m benchmarks`` of the source checkout this runs from.
+
+    The benchmarks (they import torch) live next to the package in the repository, not in
+    the wheel: looked for beside the imported ``jaxdiff`` (editable install), then in the
+    current folder.
+    """
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if all((root / "benchmarks" / f).is_file() for f in ("__main__.py", "suite.py")):
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            break
+    else:
+        return _fail(
+            "`jaxdiff bench` runs the benchmarks/ folder of a jaxdiff source checkout, which "
+            "this install does not have: run it from the repository root (git clone, then "
+            "pip install -e '.[parity]'), or run `python -m benchmarks` there"
+        )
+    from benchmarks.__main__ import main as run_suite
+
+    return run_suite(argv, prog="jaxdiff bench")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return bench(extra)
+    if extra:  # what parse_args does: only ``bench`` passes unknown options on
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "generate":
         return generate(args)
     if args.command == "train":
