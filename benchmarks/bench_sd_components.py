@@ -358,6 +358,9 @@ def main() -> None:
     parser.add_argument("--vae-sizes", type=int, nargs="+", default=None, help="VAE latent sizes")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="small configs (smoke test)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="result folder (default: benchmarks/results)"
+    )
     parser.add_argument("--worker", choices=("build", "torch", "jax"), help=argparse.SUPPRESS)
     parser.add_argument("--component", choices=sorted(COMPONENTS), help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -421,7 +424,7 @@ def main() -> None:
         *rows,
     ]
     stem = "sd_components_tiny" if args.tiny else "sd_components"
-    print(write_results(stem, result, table))
+    print(write_results(stem, result, table, out=args.out))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bf16", action="store_true", help="also time jaxdiff with bf16 compute")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="result folder (default: benchmarks/results)"
+    )
     args = parser.parse_args(argv)
 
     fields = unet_fields(args.model, args.size)
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "device": device_name(),
         "versions": library_versions(),
-        "config": {**vars(args), "unet": {k: v for k, v in fields.items()}, "params": n_params},
+        "config": {**_config(args), "unet": {k: v for k, v in fields.items()}, "params": n_params},
         "jaxdiff": bench_jax(fields, args.batch, args.steps, args.repeats, bf16=False),
     }
     if args.bf16:
@@ -174,7 +178,12 @@ def main(argv: list[str] | None = None) -> None:
         speedup = result["jaxdiff"]["images_per_s"] / result["torch"]["images_per_s"]
         result["speedup_vs_torch"] = speedup
         table += ["", f"jaxdiff / PyTorch throughput: {speedup:.2f}x"]
-    print(write_results("train", result, table))
+    print(write_results("train", result, table, out=args.out))
+
+
+def _config(args) -> dict:
+    """The command-line options that define the measurement (not where it is written)."""
+    return {k: v for k, v in vars(args).items() if k != "out"}
 
 
 def _param_shapes(fields: dict):

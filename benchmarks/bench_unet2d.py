@@ -146,6 +146,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="result folder (default: benchmarks/results)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,7 +189,7 @@ def main() -> None:
         f"| sampling compile (s) | {j['sampling_compile_s']:.1f} | - | |",
         f"| forward GFLOP/s (XLA cost analysis) | {j['forward_gflop_per_s']:.0f} | - | |",
     ]
-    print(write_results("unet2d", result, rows))
+    print(write_results("unet2d", result, rows, out=args.out))
 
 
 if __name__ == "__main__":

@@ -62,10 +62,15 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def write_results(stem: str, result: dict, table: list[str]) -> str:
-    """Writes ``results/<stem>_<device>.json`` and ``.md``; returns the markdown."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{stem}_{result['device']}"
+def write_results(stem: str, result: dict, table: list[str], out: Path | None = None) -> str:
+    """Writes ``<out>/<stem>_<device>.json`` and ``.md``; returns the markdown.
+
+    Args:
+        out: the folder (created if missing); default ``benchmarks/results``.
+    """
+    out = Path(out) if out is not None else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}_{result['device']}"
     path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     md = (
         f"Device: {result['device']}; versions: {json.dumps(result.get('versions', {}))}\n\n"
