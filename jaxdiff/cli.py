@@ -2,6 +2,9 @@
 
     jaxdiff generate --model PATH_OR_REPO --steps 50 --scheduler ddim --seed 0 --batch 16 \\
         --out grid.png
+    jaxdiff generate "a photo of a cat" --model SD_DIR --negative "blurry" --steps 20 \\
+        --scheduler dpm++ --guidance 7.5 --batch 4 --height 512 --width 512 --out cats.png
+    jaxdiff generate "a cat" --model SD_DIR --image in.png [--mask mask.png] --strength 0.7
     jaxdiff train --data cifar10-cats --resolution 32 --steps 20000 --batch 64 --out runs/cats
     jaxdiff bench [--quick] [--only NAME] [--out DIR] [--list]   # from a source checkout
 """
@@ -37,7 +40,23 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description="Diffusion models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="sample images from a pipeline and save a grid PNG")
+    gen = sub.add_parser(
+        "generate",
+        help="sample images from a pipeline and save a grid PNG",
+        description="Unconditional pipelines (DDPM/DDIM) take no prompt; Stable Diffusion "
+        "pipelines take a prompt, and --image (img2img) or --image and --mask (inpaint).",
+    )
+    gen.add_argument("prompt", nargs="?", default=None, help="text prompt (Stable Diffusion)")
+    gen.add_argument("--negative", default=None, help="negative prompt (Stable Diffusion)")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--height", type=_positive_int, default=None, help="image height (SD)")
+    gen.add_argument("--width", type=_positive_int, default=None, help="image width (SD)")
+    gen.add_argument("--image", default=None, help="init image file: img2img, or inpaint")
+    gen.add_argument("--mask", default=None, help="mask image file (white = repaint): inpaint")
+    gen.add_argument("--strength", type=float, default=None, help="img2img/inpaint strength")
+    gen.add_argument(
+        "--cache-dir", default=None, help="persistent compilation cache ($JAXDIFF_CACHE_DIR)"
+    )
     gen.add_argument(
         "--model",
         default=None,
@@ -97,6 +116,10 @@ def generate(args: argparse.Namespace) -> int:
         return _fail(f"--out {args.out!r} exists; pass --overwrite to replace it")
     if not os.path.isdir(os.path.dirname(out)):
         return _fail(f"the folder of --out {args.out!r} does not exist")
+    if args.cache_dir:
+        from jaxdiff.utils.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache(args.cache_dir)
     try:
         new_scheduler = scheduler_class(args.scheduler) if args.scheduler else None
         pipe = DiffusionPipeline.from_pretrained(model, dtype=getattr(jnp, args.dtype))
@@ -104,24 +127,66 @@ def generate(args: argparse.Namespace) -> int:
         return _fail(str(err))
     if new_scheduler is not None:
         pipe.scheduler = new_scheduler.from_config(pipe.scheduler.config)
-    options = {} if args.eta is None else {"eta": args.eta}
     start = time.perf_counter()
     try:
-        result = pipe(
-            batch_size=args.batch,
-            num_inference_steps=args.steps,
-            seed=args.seed,
-            output_type="pil",
-            progress=not args.no_progress,
-            **options,
-        )
-    except (ValueError, TypeError) as err:
+        result = _run_pipeline(pipe, args)
+    except (ValueError, TypeError, OSError) as err:
         return _fail(str(err))
     rows, cols = grid_shape(args.batch)
     make_image_grid(result.images, rows, cols).save(out)
     took = time.perf_counter() - start
     print(f"wrote {args.batch} image(s) from {model} to {out} in {took:.1f} s")
     return 0
+
+
+def _run_pipeline(pipe, args: argparse.Namespace):
+    """Calls an unconditional or a Stable Diffusion pipeline with the CLI's options."""
+    from PIL import Image
+
+    from jaxdiff.pipelines.stable_diffusion import (
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
+
+    common = dict(seed=args.seed, output_type="pil", progress=not args.no_progress)
+    sd_only = ("--negative", "--height", "--width", "--image", "--mask", "--strength")
+    if not isinstance(pipe, StableDiffusionPipeline):
+        given = [f for f in sd_only if getattr(args, f[2:]) is not None]
+        if args.prompt is not None or given:
+            raise ValueError(
+                f"{type(pipe).__name__} is unconditional: it takes no prompt or "
+                f"{'/'.join(sd_only)} (got {['prompt'] if args.prompt else []}{given})"
+            )
+        options = {} if args.eta is None else {"eta": args.eta}
+        return pipe(batch_size=args.batch, num_inference_steps=args.steps, **common, **options)
+    if args.prompt is None:
+        raise ValueError(f'{type(pipe).__name__} needs a prompt: jaxdiff generate "a photo" ...')
+    if args.mask is not None and args.image is None:
+        raise ValueError("--mask needs --image (inpainting)")
+    sd = dict(
+        negative_prompt=args.negative,
+        num_inference_steps=args.steps or 50,
+        guidance_scale=args.guidance,
+        num_images_per_prompt=args.batch,
+        eta=0.0 if args.eta is None else args.eta,
+        **common,
+    )
+    if args.image is None:
+        if args.strength is not None:
+            raise ValueError("--strength needs --image (img2img or inpaint)")
+        return pipe(args.prompt, height=args.height, width=args.width, **sd)
+    image = Image.open(args.image).convert("RGB")
+    if args.width or args.height:
+        image = image.resize((args.width or image.width, args.height or image.height))
+    if args.mask is None:
+        img2img = StableDiffusionImg2ImgPipeline(params=pipe.params, **pipe.components)
+        strength = 0.8 if args.strength is None else args.strength
+        return img2img(args.prompt, image=image, strength=strength, **sd)
+    mask = Image.open(args.mask).convert("L").resize(image.size)
+    inpaint = StableDiffusionInpaintPipeline(params=pipe.params, **pipe.components)
+    strength = 1.0 if args.strength is None else args.strength
+    return inpaint(args.prompt, image=image, mask_image=mask, strength=strength, **sd)
 
 
 def bench(argv: list[str]) -> int:

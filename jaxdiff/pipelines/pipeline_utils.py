@@ -26,6 +26,7 @@ import numpy as np
 from jaxdiff import __diffusers_version__, hub
 from jaxdiff.configuration import FrozenConfig, load_config
 from jaxdiff.models.modeling_utils import cast_floating, check_dtype
+from jaxdiff.utils.compile_cache import enable_compilation_cache
 
 MODEL_INDEX = "model_index.json"
 
@@ -115,6 +116,7 @@ class DiffusionPipeline:
         object.__setattr__(self, "params", dict(params or {}))
         object.__setattr__(self, "dtype", check_dtype(dtype))
         object.__setattr__(self, "_jit_cache", {})
+        enable_compilation_cache()  # $JAXDIFF_CACHE_DIR, if set
         for name, value in components.items():
             setattr(self, name, value)
 

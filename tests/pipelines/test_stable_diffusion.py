@@ -372,3 +372,85 @@ def test_eight_devices_equal_one_device(sd_dir, tmp_path):
     for k in ("jit3", "jit8", "pmap8"):
         np.testing.assert_allclose(eight[k], one[k], atol=1e-4, err_msg=k)
     np.testing.assert_allclose(one["pmap8"], one["jit8"], atol=1e-4)
+
+
+# ------------------------------------------------------------------ compilation cache
+_CACHE_RUN = textwrap.dedent(
+    """
+    import sys, warnings
+    import jax
+    warnings.simplefilter("ignore")
+    events = []
+    jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
+    from jaxdiff.pipelines import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(sys.argv[1])  # reads $JAXDIFF_CACHE_DIR
+    pipe("a cat", num_inference_steps=2, output_type="np", progress=False, seed=0)
+    hits = events.count("/jax/compilation_cache/cache_hits")
+    misses = events.count("/jax/compilation_cache/cache_misses")
+    print(f"HITS={hits} MISSES={misses}")
+    """
+)
+
+
+def test_persistent_compilation_cache_serves_a_second_process(sd_dir, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(_CACHE_RUN)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAXDIFF_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu")
+
+    def run():
+        proc = subprocess.run(
+            [sys.executable, str(script), str(sd_dir)],
+            check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parents[2],
+            timeout=600,
+        )
+        line = [s for s in proc.stdout.splitlines() if s.startswith("HITS=")][-1]
+        hits, misses = (int(part.split("=")[1]) for part in line.split())
+        return hits, misses
+
+    hits, misses = run()
+    assert misses >= 1 and hits == 0  # the first process compiles and writes the cache
+    assert any(cache.iterdir())
+    hits, misses = run()
+    assert hits >= 1 and misses == 0  # the second one compiles nothing
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_text2img_img2img_inpaint(sd_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from jaxdiff.cli import main as cli_main
+
+    base = [str(sd_dir), "--steps", "2", "--batch", "2", "--no-progress", "--scheduler", "ddim"]
+    out = tmp_path / "t2i.png"
+    assert cli_main(["generate", "a cat", "--model", *base, "--out", str(out)]) == 0
+    assert Image.open(out).size == (128, 64)  # a 1 x 2 grid of 64 x 64 images
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "in.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    img = ["--image", str(tmp_path / "in.png")]
+    args = ["generate", "a cat", "--model", *base, *img, "--strength", "0.5"]
+    assert cli_main([*args, "--out", str(tmp_path / "i2i.png")]) == 0
+    args = ["generate", "a cat", "--model", *base, *img, "--mask", str(tmp_path / "mask.png")]
+    assert cli_main([*args, "--out", str(tmp_path / "inp.png")]) == 0
+    assert "wrote 2 image(s)" in capsys.readouterr().out
+    # errors name the argument
+    assert cli_main(["generate", "--model", *base, "--out", str(tmp_path / "x.png")]) == 2
+    assert "needs a prompt" in capsys.readouterr().err
+    args = ["generate", "a cat", "--model", *base, "--height", "60"]
+    assert cli_main([*args, "--out", str(tmp_path / "y.png")]) == 2
+    assert "height must be a multiple of 8" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_prompt_for_unconditional_models(tmp_path, capsys):
+    from jaxdiff.cli import main as cli_main
+
+    tiny = reference_dir("pipelines_unconditional") / "ddpm_tiny"
+    args = ["generate", "a cat", "--model", str(tiny), "--steps", "2", "--no-progress"]
+    assert cli_main([*args, "--out", str(tmp_path / "x.png")]) == 2
+    assert "is unconditional" in capsys.readouterr().err
