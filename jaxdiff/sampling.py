@@ -111,8 +111,9 @@ def denoise(
     step_kwargs: dict[str, Any] | None = None,
     progress_id: jax.Array | None = None,
     return_trajectory: bool = False,
-    begin_index: int = 0,
+    begin_index: int | jax.Array = 0,
     post_step: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    num_steps: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Runs the reverse process from ``x_T`` with ``lax.scan``; jit it from the outside.
 
@@ -132,12 +133,15 @@ def denoise(
             diffusers' ``set_begin_index``); ``state.step_index`` must already equal it.
         post_step: ``(x_prev, i) -> x_prev``, applied after step ``i`` (inpainting's mask
             blend).
+        num_steps: the number of steps N as a traced scalar, for a state padded by
+            :func:`pad_state`: the loop is then a ``lax.fori_loop`` with traced bounds (an XLA
+            while loop), so neither N nor ``begin_index`` is part of the compiled program.
+            Default: ``len(state.timesteps)``, static, and a ``lax.scan``.
 
     Returns:
         x_0, or (x_0, trajectory) when ``return_trajectory``.
     """
     step_kwargs = step_kwargs or {}
-    num_steps = state.timesteps.shape[0]
     if keys.shape != x_T.shape[:1]:
         raise ValueError(f"keys must have shape {x_T.shape[:1]} (one per image), got {keys.shape}")
 
@@ -155,11 +159,43 @@ def denoise(
             x_prev = post_step(x_prev, i).astype(x_t.dtype)
         return (x_prev, out.state), (x_prev if return_trajectory else None)
 
-    if not 0 <= begin_index < num_steps:
-        raise ValueError(f"begin_index must be in [0, {num_steps}), got {begin_index}")
-    steps = jnp.arange(begin_index, num_steps)
-    (x_0, _), trajectory = jax.lax.scan(body, (x_T, state), steps)
+    if num_steps is not None or not isinstance(begin_index, int):
+        if return_trajectory:
+            raise ValueError("return_trajectory needs a static step count (num_steps=None)")
+        n = state.timesteps.shape[0] if num_steps is None else num_steps
+        x_0, _ = jax.lax.fori_loop(begin_index, n, lambda i, carry: body(carry, i)[0], (x_T, state))
+        return x_0
+    n = state.timesteps.shape[0]
+    if not 0 <= begin_index < n:
+        raise ValueError(f"begin_index must be in [0, {n}), got {begin_index}")
+    (x_0, _), trajectory = jax.lax.scan(body, (x_T, state), jnp.arange(begin_index, n))
     return (x_0, trajectory) if return_trajectory else x_0
+
+
+def pad_state(state: Any, max_steps: int) -> Any:
+    """``state`` (N steps) padded to the shapes of a ``max_steps`` state, so that every step
+    count up to ``max_steps`` gives one program: ``timesteps`` (N,) is padded to
+    (max_steps,) with ``-1`` (which :func:`jaxdiff.schedulers.common.count_steps` skips) and
+    ``sigmas`` (N + 1,), where the scheduler has them, to (max_steps + 1,) with its last value.
+    Run the padded state with ``denoise(..., num_steps=N)``.
+    """
+    n = int(state.timesteps.shape[0])
+    if n > max_steps:
+        raise ValueError(f"cannot pad a state of {n} steps to max_steps={max_steps}")
+
+    def pad(a, length, fill):
+        a = jnp.asarray(a)
+        extra = length - a.shape[0]
+        tail = jnp.full((extra,) + a.shape[1:], fill, a.dtype) if fill is not None else None
+        return jnp.concatenate([a, jnp.repeat(a[-1:], extra, 0) if tail is None else tail])
+
+    new = {"timesteps": pad(state.timesteps, max_steps, -1)}
+    sigmas = getattr(state, "sigmas", None)
+    if sigmas is not None:
+        if sigmas.shape[0] != n + 1:
+            raise ValueError(f"expected {n + 1} sigmas for {n} steps, got {sigmas.shape[0]}")
+        new["sigmas"] = pad(sigmas, max_steps + 1, None)
+    return state.replace(**new)
 
 
 def classifier_free_guidance(model_fn: Callable, guidance_scale: jax.Array) -> ModelFn:

@@ -43,10 +43,19 @@ from PIL import Image
 from jaxdiff import sampling
 from jaxdiff.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput, to_output
 from jaxdiff.pipelines.unconditional import resolve_key
+from jaxdiff.schedulers.common import count_steps
 from jaxdiff.utils.tokenizer import tokenize
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 SIGMA_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+# Schedulers whose step reads N only through ``count_steps``: their states are padded to the
+# ``num_train_timesteps`` state and the loop bound is traced, so a new ``num_inference_steps``
+# (or img2img ``strength``) reuses the compiled program. PNDM (PRK/PLMS phases) recompiles.
+TRACED_STEP_SCHEDULERS = SIGMA_SCHEDULERS + (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
+)
 
 
 # ---------------------------------------------------------------------------- input handling
@@ -174,7 +183,8 @@ class _Spec:
     output_type: str
     given_embeds: bool
     given_latents: bool
-    begin_index: int
+    begin_index: int  # 0 when traced_steps (then it is an argument)
+    traced_steps: bool
     sample_posterior: bool
     fresh_start: bool  # inpaint: z_T is pure noise (strength 1 or latents given)
 
@@ -240,6 +250,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         unet, vae, scheduler = self.unet, self.vae, self.scheduler
 
         def run(params, batch, scalars, state, progress_id):
+            begin = scalars["begin"] if spec.traced_steps else spec.begin_index
             keys = batch["keys"]
             init_keys, step_keys, vae_keys, masked_keys = (
                 jax.vmap(lambda k, j=j: jax.random.fold_in(k, j))(keys) for j in range(4)
@@ -267,7 +278,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 if spec.task == "inpaint" and spec.fresh_start:
                     z = noise * state.init_noise_sigma
                 else:
-                    z = self._noise_at(state, z_image, noise, spec.begin_index)
+                    z = self._noise_at(state, z_image, noise, begin)
                 if spec.task == "depth2img":
                     extra = batch["depth"]
                 elif spec.task == "inpaint":
@@ -283,7 +294,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                         )
                         extra = jnp.concatenate([mask_lat, z_masked], axis=-1)
                     else:
-                        n_steps = state.timesteps.shape[0]
+                        n_steps = count_steps(state.timesteps)
 
                         def post_step(x_prev, i):  # known region: re-noise to t_{i+1}, blend
                             j = jnp.minimum(i + 1, n_steps - 1)
@@ -313,8 +324,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 step_keys,
                 step_kwargs=step_kwargs,
                 progress_id=progress_id,
-                begin_index=spec.begin_index,
+                begin_index=begin,
                 post_step=post_step,
+                num_steps=scalars.get("num_steps"),
             )
             if spec.output_type == "latent":
                 return z0
@@ -488,6 +500,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
             }
         per_image["keys"] = keys
         shape = (padded,) + latent_shape[1:]
+        traced = type(self.scheduler).__name__ in TRACED_STEP_SCHEDULERS
         spec = _Spec(
             task=self.task,
             shape=shape,
@@ -496,7 +509,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
             output_type=output_type,
             given_embeds=prompt_embeds is not None,
             given_latents=latents is not None,
-            begin_index=begin,
+            begin_index=0 if traced else begin,
+            traced_steps=traced,
             sample_posterior=bool(sample_posterior),
             fresh_start=latents is not None or strength == 1.0,
         )
@@ -510,16 +524,16 @@ class StableDiffusionPipeline(DiffusionPipeline):
         params = {n: self.params[n] for n in ("unet", "vae", "text_encoder")}
 
         if use_pmap:
-            out = self._pmap_run(spec, params, per_image, scalars, steps)
+            out = self._pmap_run(spec, params, per_image, scalars, steps, begin)
         else:
-            state = self.scheduler.set_timesteps(steps, shape=shape)
-            state = state.replace(step_index=jnp.asarray(begin, state.step_index.dtype))
+            state, more = self._state(steps, shape, begin, traced)
+            scalars.update(more)
             mesh = sampling.batch_mesh() if n_dev > 1 else None
             batch = {k: jnp.asarray(v) for k, v in per_image.items()}
             if mesh is not None:
                 batch = {k: sampling.shard_batch(v, mesh) for k, v in batch.items()}
                 params = sampling.replicate(params, mesh)
-            total_steps = int(state.timesteps.shape[0]) - begin
+            total_steps = int(more.get("num_steps", state.timesteps.shape[0])) - begin
             with sampling.ScanProgress(total_steps, enabled=progress) as bar:
                 pid = jnp.asarray(bar.id) if progress else None
                 out = self._program(spec)(params, batch, scalars, state, pid)
@@ -529,12 +543,23 @@ class StableDiffusionPipeline(DiffusionPipeline):
             return ImagePipelineOutput(images=out)
         return to_output(out, output_type)
 
-    def _pmap_run(self, spec, params, per_image, scalars, steps):
+    def _state(self, steps: int, shape: tuple, begin: int, traced: bool):
+        """The scheduler state starting at step ``begin``, and the program's step arguments
+        (padded to the fixed shape of the ``num_train_timesteps`` state when ``traced``)."""
+        state = self.scheduler.set_timesteps(steps, shape=shape)
+        state = state.replace(step_index=jnp.asarray(begin, state.step_index.dtype))
+        if not traced:
+            return state, {}
+        n = int(state.timesteps.shape[0])
+        state = sampling.pad_state(state, self.scheduler.config.num_train_timesteps)
+        return state, {"num_steps": jnp.int32(n), "begin": jnp.int32(begin)}
+
+    def _pmap_run(self, spec, params, per_image, scalars, steps, begin):
         n = jax.local_device_count()
         per_dev = spec.shape[0] // n
         spec_dev = _Spec(**{**spec.__dict__, "shape": (per_dev,) + spec.shape[1:]})
-        state = self.scheduler.set_timesteps(steps, shape=spec_dev.shape)
-        state = state.replace(step_index=jnp.asarray(spec.begin_index, state.step_index.dtype))
+        state, more = self._state(steps, spec_dev.shape, begin, spec.traced_steps)
+        scalars = {**scalars, **more}
         run = self._program(spec_dev).__wrapped__
 
         def split(a):

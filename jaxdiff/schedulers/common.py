@@ -331,3 +331,13 @@ class SchedulerMixin(ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+
+def count_steps(timesteps: jax.Array) -> jax.Array:
+    """N, the number of inference steps in ``state.timesteps``.
+
+    Fixed-shape pipelines pad every state to the ``num_train_timesteps`` state so that a new
+    step count does not recompile (:func:`jaxdiff.sampling.pad_state`); the padding holds
+    timestep ``-1``, so N is the count of non-negative entries (a traced scalar).
+    """
+    return jnp.sum(jnp.asarray(timesteps) >= 0).astype(jnp.int32)

@@ -61,6 +61,7 @@ from jaxdiff.schedulers.common import (
     check_choice,
     check_num_inference_steps,
     check_step_inputs,
+    count_steps,
     resolve_noise,
     threshold_sample,
 )
@@ -477,14 +478,14 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         c = self.config
         out_dtype = sample.dtype
         x = sample.astype(jnp.float32)
-        n = state.timesteps.shape[0]  # static under jit
+        n = count_steps(state.timesteps)  # N (traced: states may be padded)
         i = state.step_index
         so = c.solver_order
 
-        final_lower = c.euler_at_final or (c.lower_order_final and n < 15)
-        final_lower = final_lower or c.final_sigmas_type == "zero"
+        short = jnp.logical_and(c.lower_order_final, n < 15)
+        final_lower = jnp.logical_or(c.euler_at_final or c.final_sigmas_type == "zero", short)
         lower_order_final = (i == n - 1) & final_lower
-        lower_order_second = (i == n - 2) & (c.lower_order_final and n < 15)
+        lower_order_second = (i == n - 2) & short
 
         m = self.convert_model_output(state, model_output.astype(jnp.float32), x)
         history = state.model_outputs

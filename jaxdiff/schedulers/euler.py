@@ -59,6 +59,7 @@ from jaxdiff.schedulers.common import (
     check_choice,
     check_num_inference_steps,
     check_step_inputs,
+    count_steps,
     make_betas,
     rescale_zero_terminal_snr,
     resolve_noise,
@@ -388,13 +389,13 @@ class EulerDiscreteScheduler(SchedulerMixin):
         model_output = model_output.astype(jnp.float32)
         i = state.step_index
         sigma = state.sigmas[i]
-        n_sigmas = state.sigmas.shape[0]
+        n_steps = count_steps(state.timesteps)  # N (traced: states may be padded)
 
         # Algorithm 2, line 4: γ_i = min(S_churn / N, √2 - 1) if S_tmin <= σ_i <= S_tmax else 0.
         churn = not (isinstance(s_churn, (int, float)) and s_churn == 0)
         if churn:
             in_range = (s_tmin <= sigma) & (sigma <= s_tmax)
-            gamma = jnp.where(in_range, jnp.minimum(s_churn / (n_sigmas - 1), 2**0.5 - 1), 0.0)
+            gamma = jnp.where(in_range, jnp.minimum(s_churn / n_steps, 2**0.5 - 1), 0.0)
             sigma_hat = sigma * (gamma + 1)  # line 5: σ̂ = σ (1 + γ)
             eps = (
                 resolve_noise(key, noise, x, type(self).__name__) * s_noise

@@ -236,6 +236,24 @@ def test_guidance_seed_prompt_and_eta_do_not_recompile(pipe):
         assert np.abs(other - a).max() > 1e-3
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpm++", "euler"])
+def test_step_count_and_strength_do_not_recompile(pipe, name):
+    pipe.scheduler = _scheduler(pipe, name)
+    pipe._jit_cache.clear()
+    kw = dict(output_type="np", progress=False, seed=0)
+    a = pipe("a cat", num_inference_steps=2, **kw).images
+    b = pipe("a cat", num_inference_steps=7, **kw).images
+    c = pipe("a cat", num_inference_steps=20, **kw).images
+    assert _compiles(pipe) == 1
+    assert np.abs(a - b).max() > 1e-3 and np.abs(b - c).max() > 1e-3
+    img = StableDiffusionImg2ImgPipeline(params=pipe.params, **pipe.components)
+    image = np.full((1, 64, 64, 3), 0.25, np.float32)
+    d = img("a cat", image=image, strength=0.5, num_inference_steps=4, **kw).images
+    e = img("a cat", image=image, strength=0.9, num_inference_steps=6, **kw).images
+    assert _compiles(img) == 1
+    assert np.abs(d - e).max() > 1e-3
+
+
 def test_images_depend_only_on_their_own_key(pipe):
     pipe.scheduler = _scheduler(pipe, "euler_a")  # stochastic steps too
     kw = dict(num_inference_steps=2, output_type="np", progress=False)

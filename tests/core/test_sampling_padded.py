@@ -1,0 +1,53 @@
+"""A padded scheduler state with a traced step count runs the same loop as the plain state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff import sampling
+from jaxdiff.schedulers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from jaxdiff.schedulers.common import count_steps
+
+SCHEDULERS = [
+    (DDPMScheduler, {}),
+    (DDIMScheduler, {}),
+    (EulerDiscreteScheduler, {}),
+    (EulerAncestralDiscreteScheduler, {}),
+    (DPMSolverMultistepScheduler, {"solver_order": 2}),
+    (DPMSolverMultistepScheduler, {"solver_order": 3}),  # lower_order_final with N < 15
+]
+
+
+def model_fn(x, t):  # a smooth toy "denoiser" that depends on t
+    return jnp.tanh(x) * (1.0 + t / 1000.0)
+
+
+@pytest.mark.parametrize("cls, extra", SCHEDULERS)
+@pytest.mark.parametrize("steps", [1, 4, 9, 20])
+def test_padded_state_with_traced_count_equals_plain_scan(cls, extra, steps):
+    scheduler = cls(num_train_timesteps=1000, **extra)
+    shape = (2, 4, 4, 3)
+    x_T = jax.random.normal(jax.random.key(0), shape)
+    keys = sampling.image_keys(jax.random.key(1), 2)
+    state = scheduler.set_timesteps(steps, shape=shape)
+    want = sampling.denoise(model_fn, scheduler, state, x_T * state.init_noise_sigma, keys)
+    padded = sampling.pad_state(state, 1000)
+    assert padded.timesteps.shape == (1000,)
+    assert int(count_steps(padded.timesteps)) == len(state.timesteps)
+
+    @jax.jit
+    def run(st, n):
+        return sampling.denoise(
+            model_fn, scheduler, st, x_T * st.init_noise_sigma, keys, num_steps=n
+        )
+
+    got = run(padded, jnp.int32(len(state.timesteps)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert run._cache_size() == 1
