@@ -26,6 +26,10 @@ _EXPORTS = {
     "DiffusionPipeline": "jaxdiff.pipelines",
     "DDPMPipeline": "jaxdiff.pipelines",
     "DDIMPipeline": "jaxdiff.pipelines",
+    "StableDiffusionPipeline": "jaxdiff.pipelines",
+    "StableDiffusionImg2ImgPipeline": "jaxdiff.pipelines",
+    "StableDiffusionInpaintPipeline": "jaxdiff.pipelines",
+    "StableDiffusionDepth2ImgPipeline": "jaxdiff.pipelines",
     # utilities
     "make_image_grid": "jaxdiff.utils",
 }
