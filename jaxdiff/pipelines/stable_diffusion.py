@@ -172,6 +172,35 @@ def begin_index_for_strength(num_inference_steps: int, strength: float, order: i
     return max(num_inference_steps - init, 0) * order
 
 
+# The call arguments every task passes on to ``_run`` unchanged (when the caller has them).
+_FORWARDED = (
+    "prompt",
+    "negative_prompt",
+    "prompt_embeds",
+    "negative_prompt_embeds",
+    "height",
+    "width",
+    "num_inference_steps",
+    "guidance_scale",
+    "num_images_per_prompt",
+    "key",
+    "seed",
+    "latents",
+    "eta",
+    "output_type",
+    "progress",
+    "clip_skip",
+    "use_pmap",
+    "strength",
+    "sample_posterior",
+)
+
+
+def _forwarded(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The shared call arguments present in a ``__call__``'s ``locals()``."""
+    return {k: arguments[k] for k in _FORWARDED if k in arguments}
+
+
 @dataclass(frozen=True)
 class _Spec:
     """Everything static about one compiled program (a new value compiles a new program)."""
@@ -399,14 +428,14 @@ class StableDiffusionPipeline(DiffusionPipeline):
         negative_prompt,
         prompt_embeds,
         negative_prompt_embeds,
-        height,
-        width,
+        height=None,
+        width=None,
         num_inference_steps,
         guidance_scale,
         num_images_per_prompt,
         key,
         seed,
-        latents,
+        latents=None,
         eta,
         output_type,
         progress,
@@ -617,25 +646,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 (then its final layer norm), as diffusers.
             use_pmap: ``jax.pmap`` over local devices instead of the sharded ``jit``.
         """
-        return self._run(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            key=key,
-            seed=seed,
-            latents=latents,
-            eta=eta,
-            output_type=output_type,
-            progress=progress,
-            clip_skip=clip_skip,
-            use_pmap=use_pmap,
-        )
+        return self._run(**_forwarded(locals()))
 
 
 class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
@@ -677,25 +688,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         if image is None:
             raise ValueError("image is required: PIL image(s) or an array (B, H, W, 3) in [0, 1]")
         return self._run(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            height=None,
-            width=None,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            key=key,
-            seed=seed,
+            **_forwarded(locals()),
             latents=noise,
-            eta=eta,
-            output_type=output_type,
-            progress=progress,
-            clip_skip=clip_skip,
-            use_pmap=use_pmap,
-            strength=strength,
-            sample_posterior=sample_posterior,
             image=images_to_array(image),
         )
 
@@ -755,29 +749,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                 f"mask_image is {mask.shape[2]}x{mask.shape[1]} but image is "
                 f"{image.shape[2]}x{image.shape[1]} (W x H): they must match"
             )
-        return self._run(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            key=key,
-            seed=seed,
-            latents=latents,
-            eta=eta,
-            output_type=output_type,
-            progress=progress,
-            clip_skip=clip_skip,
-            use_pmap=use_pmap,
-            strength=strength,
-            sample_posterior=sample_posterior,
-            image=image,
-            mask=mask,
-        )
+        return self._run(**_forwarded(locals()), image=image, mask=mask)
 
 
 class StableDiffusionDepth2ImgPipeline(StableDiffusionPipeline):
@@ -845,25 +817,8 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionPipeline):
         if depth.ndim != 3:
             raise ValueError(f"depth_map must be (B, H, W) or (H, W), got shape {depth.shape}")
         return self._run(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            height=None,
-            width=None,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt,
-            key=key,
-            seed=seed,
+            **_forwarded(locals()),
             latents=noise,
-            eta=eta,
-            output_type=output_type,
-            progress=progress,
-            clip_skip=clip_skip,
-            use_pmap=use_pmap,
-            strength=strength,
-            sample_posterior=sample_posterior,
             image=images_to_array(image),
             depth=depth,
         )
