@@ -44,7 +44,9 @@ JAX_CLASSES = {
     "UNet2DModel": UNet2DModel,
 }
 TOKENIZER_FILES = {
-    "vocab.json": json.dumps({"a</w>": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}),
+    "vocab.json": json.dumps(
+        {"a</w>": 0, "<|startoftext|>": 1, "<|endoftext|>": 2, "a": 3, "</w>": 4}
+    ),
     "merges.txt": "#version: 0.2\na </w>\n",
     "tokenizer_config.json": json.dumps({"model_max_length": 77}),
 }

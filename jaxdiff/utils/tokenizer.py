@@ -100,12 +100,14 @@ def load_tokenizer(
 
 class CLIPTokenizer:
     """The ``tokenizer`` component of a pipeline folder (``["transformers", "CLIPTokenizer"]``
-    in ``model_index.json``): ``CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")``
-    is :func:`load_tokenizer`, and returns transformers' tokenizer."""
+    in ``model_index.json``): ``CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")``
+    or ``CLIPTokenizer.from_pretrained(tokenizer_folder)`` is :func:`load_tokenizer`, and
+    returns transformers' tokenizer (as every component's ``from_pretrained``, the folder
+    itself unless ``subfolder`` is given)."""
 
     @staticmethod
     def from_pretrained(
-        path_or_repo: str | os.PathLike, subfolder: str | None = "tokenizer", **hub_kwargs
+        path_or_repo: str | os.PathLike, subfolder: str | None = None, **hub_kwargs
     ) -> Any:
         return load_tokenizer(path_or_repo, subfolder=subfolder, **hub_kwargs)
 
