@@ -96,10 +96,11 @@ def probe_device() -> dict:
     return {"device": "unknown", "versions": {}, "probe_error": proc.stderr[-STDERR_TAIL_CHARS:]}
 
 
-def run_one(bench: Benchmark, quick: bool, out: Path) -> dict:
-    """Runs one script; its stdout passes through, its stderr is shown and its tail kept."""
+def run_one(bench: Benchmark, quick: bool, out: Path, extra: str = "") -> dict:
+    """Runs one script (``extra``: more of its own options, after the ``--quick`` ones); its
+    stdout passes through, its stderr is shown and its tail kept."""
     cmd = [sys.executable, "-m", bench.module, *shlex.split(bench.quick if quick else "")]
-    cmd += ["--out", str(out)]
+    cmd += [*shlex.split(extra), "--out", str(out)]
     print(f"\n=== {bench.name}: {shlex.join(cmd)}", flush=True)
     tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
     start = time.perf_counter()
@@ -135,14 +136,36 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
         default=None,
         help="result folder (default benchmarks/results; with --quick benchmarks/results/quick)",
     )
+    parser.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="NAME=OPTIONS",
+        help="more options for one script, e.g. --args 'sd_pipeline=--batches 1 --repeats 1' "
+        "(repeatable; recorded in the suite's JSON)",
+    )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     return parser
+
+
+def parse_script_args(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``["sd_pipeline=--repeats 1", ...]`` -> ``{"sd_pipeline": "--repeats 1"}``."""
+    names = {b.name for b in BENCHMARKS}
+    extra: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, options = pair.partition("=")
+        if not sep or name not in names:
+            parser.error(f"--args expects NAME=OPTIONS with NAME one of {sorted(names)}, got {pair!r}")  # fmt: skip
+        extra[name] = f"{extra.get(name, '')} {options}".strip()
+    return extra
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> int:
     """Runs the suite; returns 0 when every benchmark ran and was summarised, else 1."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    extra = parse_script_args(args.args, parser)
     if args.list:
         for b in BENCHMARKS:
             print(f"{b.name:16s} python -m {b.module}  (--quick: {b.quick or '-'})")
@@ -157,7 +180,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m benchmarks") -> i
 
     runs, failures, paths = [], [], []
     for bench in selected:
-        run = run_one(bench, args.quick, out)
+        run = run_one(bench, args.quick, out, extra.get(bench.name, ""))
         result_file = out / f"{bench.result_stem(args.quick)}_{device}.json"
         run["result_file"] = str(result_file)
         runs.append(run)

@@ -392,6 +392,20 @@ def test_only_selects_and_success_exits_zero(fake_suite):
     assert summary["results"]["train"]["config"]["small"] is False
 
 
+def test_args_pass_options_to_one_script(fake_suite, capsys):
+    out = fake_suite
+    argv = ["--out", str(out), "--only", "train", "--args", "train=--small"]
+    assert runner.main(argv) == 0
+    summary = json.loads((out / f"suite_{DEVICE}.json").read_text())
+    assert summary["results"]["train"]["config"]["small"] is True  # the option reached it
+    assert summary["runs"][0]["command"].endswith(f"fakebench.ok --small --out {out}")
+    assert summary["command"] == "python -m benchmarks " + " ".join(argv)
+    for bad in ("train", "nosuch=--x"):
+        with pytest.raises(SystemExit):
+            runner.main(["--args", bad])
+        assert "--args expects NAME=OPTIONS" in capsys.readouterr().err
+
+
 def test_jaxdiff_bench_delegates(fake_suite):
     from jaxdiff import cli
 
