@@ -48,14 +48,21 @@ from jaxdiff.utils.tokenizer import tokenize
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 SIGMA_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
-# Schedulers whose step reads N only through ``count_steps``: their states are padded to the
-# ``num_train_timesteps`` state and the loop bound is traced, so a new ``num_inference_steps``
-# (or img2img ``strength``) reuses the compiled program. PNDM (PRK/PLMS phases) recompiles.
+# Schedulers whose step reads N only through traced state (``count_steps``, PNDM's step ratio
+# and counter): their states are padded to ``MAX_MODEL_CALLS`` entries and the loop bound is
+# traced, so a new ``num_inference_steps`` (or img2img ``strength``) reuses the compiled program.
 TRACED_STEP_SCHEDULERS = SIGMA_SCHEDULERS + (
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
+    "PNDMScheduler",
 )
+
+
+def max_model_calls(num_train_timesteps: int) -> int:
+    """Length of a padded state: N <= num_train_timesteps steps, and PNDM with its Runge-Kutta
+    warm-up calls the model N + 9 times (3 steps of 4 calls, then N - 3)."""
+    return num_train_timesteps + 9
 
 
 # ---------------------------------------------------------------------------- input handling
@@ -384,7 +391,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 )
             if negative_prompt is not None:
                 raise ValueError("with prompt_embeds, pass negative_prompt_embeds, not text")
-            if negative_prompt_embeds is None:
+            if negative_prompt_embeds is None and not do_cfg:
+                neg = np.zeros_like(emb)  # the program reads it only under guidance
+            elif negative_prompt_embeds is None:
                 neg = np.asarray(self._encode_uncond(emb.shape[0], emb.shape[1]), np.float32)
             else:
                 neg = np.asarray(negative_prompt_embeds, np.float32)
@@ -574,13 +583,15 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
     def _state(self, steps: int, shape: tuple, begin: int, traced: bool):
         """The scheduler state starting at step ``begin``, and the program's step arguments
-        (padded to the fixed shape of the ``num_train_timesteps`` state when ``traced``)."""
+        (padded to ``max_model_calls`` entries when ``traced``)."""
         state = self.scheduler.set_timesteps(steps, shape=shape)
         state = state.replace(step_index=jnp.asarray(begin, state.step_index.dtype))
         if not traced:
             return state, {}
         n = int(state.timesteps.shape[0])
-        state = sampling.pad_state(state, self.scheduler.config.num_train_timesteps)
+        state = sampling.pad_state(
+            state, max_model_calls(self.scheduler.config.num_train_timesteps)
+        )
         return state, {"num_steps": jnp.int32(n), "begin": jnp.int32(begin)}
 
     def _pmap_run(self, spec, params, per_image, scalars, steps, begin):

@@ -24,7 +24,7 @@ from jaxdiff.pipelines.stable_diffusion import (
     begin_index_for_strength,
     torch_bicubic_matrix,
 )
-from jaxdiff.schedulers import DDIMScheduler, DPMSolverMultistepScheduler
+from jaxdiff.schedulers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from tests.reference_io import load_case, reference_dir
 
 COMPONENT = "pipelines_stable_diffusion"
@@ -134,6 +134,12 @@ def test_prompt_embeds_equal_prompts(pipe):
         seed=0,
     ).images
     _assert_matches(images, arrays["images"])
+    # Without guidance no negative embedding is needed (nor computed): the same image as text.
+    common = dict(num_inference_steps=3, guidance_scale=1.0, latents=arrays["latents"])
+    common.update(output_type="np", progress=False, seed=0)
+    by_text = pipe(meta["prompt"], **common).images
+    by_embeds = pipe(prompt_embeds=embed(meta["prompt"]), **common).images
+    np.testing.assert_allclose(by_embeds, by_text, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["img2img_ddim", "img2img_euler"])
@@ -236,12 +242,15 @@ def test_guidance_seed_prompt_and_eta_do_not_recompile(pipe):
         assert np.abs(other - a).max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpm++", "euler"])
+@pytest.mark.parametrize("name", ["ddim", "dpm++", "euler", "pndm", "pndm_prk"])
 def test_step_count_and_strength_do_not_recompile(pipe, name):
-    pipe.scheduler = _scheduler(pipe, name)
+    if name == "pndm_prk":  # the Runge-Kutta warm-up: N + 9 model calls
+        pipe.scheduler = PNDMScheduler.from_config(pipe.saved_scheduler_config, skip_prk_steps=False)  # fmt: skip
+    else:
+        pipe.scheduler = _scheduler(pipe, name)
     pipe._jit_cache.clear()
     kw = dict(output_type="np", progress=False, seed=0)
-    a = pipe("a cat", num_inference_steps=2, **kw).images
+    a = pipe("a cat", num_inference_steps=4, **kw).images
     b = pipe("a cat", num_inference_steps=7, **kw).images
     c = pipe("a cat", num_inference_steps=20, **kw).images
     assert _compiles(pipe) == 1
