@@ -49,7 +49,7 @@ from jaxdiff.utils.tokenizer import tokenize
 OUTPUT_TYPES = ("pil", "np", "latent")
 SIGMA_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
 # Schedulers whose step reads N only through traced state (``count_steps``, PNDM's step ratio
-# and counter): their states are padded to ``MAX_MODEL_CALLS`` entries and the loop bound is
+# and counter): their states are padded to ``max_model_calls`` entries and the loop bound is
 # traced, so a new ``num_inference_steps`` (or img2img ``strength``) reuses the compiled program.
 TRACED_STEP_SCHEDULERS = SIGMA_SCHEDULERS + (
     "DDIMScheduler",
