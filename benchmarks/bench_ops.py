@@ -6,11 +6,14 @@ Times, on the same random fp32 inputs, the ops the UNets and the VAE spend their
 
 * **matmul** ``(M, K) @ (K, N)``: the machine's peak, the same BLAS-like kernel class both use;
 * **3x3 convolution**, stride 1, padding 1, at the UNets' shapes: jaxdiff's ``layers.Conv2d``
-  (``lax.conv_general_dilated`` in NHWC, or an im2col matmul for tiny outputs) against
-  ``torch.nn.functional.conv2d`` (oneDNN) in channels-last;
+  (``lax.conv_general_dilated`` in NHWC, or an im2col matmul for tiny outputs), compiled with
+  :func:`jaxdiff.utils.compiler_options` (Eigen, not YNNPACK, convolutions on the CPU) as
+  every jaxdiff program is, against ``torch.nn.functional.conv2d`` (oneDNN) in channels-last;
+  the "plain JAX" column is the same conv under XLA's default options;
 * **attention** ``softmax(Q K^T / sqrt(d)) V`` (*Vaswani et al. (2017), Eq. 1*) at SD 1.5's
-  shapes: ``layers.dot_product_attention`` (heads first, chunked on the CPU) and
-  ``jax.nn.dot_product_attention`` against ``torch.nn.functional.scaled_dot_product_attention``.
+  shapes: ``layers.dot_product_attention`` (heads first, chunked on the CPU) against
+  ``torch.nn.functional.scaled_dot_product_attention``; "plain JAX" is
+  ``jax.nn.dot_product_attention(implementation="xla")``.
 
 Each time is the minimum over ``--repeats`` calls after a warm-up (the minimum, not the median:
 single ops of milliseconds are where a shared machine's noise shows most), JAX calls ending in
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import device_name, library_versions, write_results
+from jaxdiff.utils.xla import compiler_options
 
 # (batch, height, width, in channels, out channels)
 CONVS = [
@@ -64,7 +68,7 @@ def bench_matmul(shape, repeats, torch):
     m, k, n = shape
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
-    f = jax.jit(jnp.matmul)
+    f = jax.jit(jnp.matmul, compiler_options=compiler_options())
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     t_jax = min_time(lambda: f(ja, jb).block_until_ready(), repeats)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
@@ -81,15 +85,18 @@ def bench_conv(shape, repeats, torch):
     kernel = (rng.standard_normal((3, 3, ci, co)) / np.sqrt(9 * ci)).astype(np.float32)
     conv = Conv2d(co)
     params = {"kernel": jnp.asarray(kernel), "bias": jnp.zeros((co,))}
-    f = jax.jit(lambda p, x: conv.apply({"params": p}, x))
+    f = jax.jit(lambda p, x: conv.apply({"params": p}, x), compiler_options=compiler_options())
+    plain = jax.jit(lambda p, x: conv.apply({"params": p}, x))
     jx = jnp.asarray(x)
     t_jax = min_time(lambda: f(params, jx).block_until_ready(), repeats)
+    t_plain = min_time(lambda: plain(params, jx).block_until_ready(), repeats)
     tx = torch.from_numpy(x).permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels-last
     tk = torch.from_numpy(kernel).permute(3, 2, 0, 1).contiguous(memory_format=torch.channels_last)
     tbias = torch.zeros(co)
     with torch.inference_mode():
         t_torch = min_time(lambda: torch.nn.functional.conv2d(tx, tk, tbias, padding=1), repeats)
-    return f"conv 3x3 {ci}->{co} on {b}x{h}x{w}", 2 * b * h * w * ci * co * 9, t_jax, t_torch
+    what = f"conv 3x3 {ci}->{co} on {b}x{h}x{w}"
+    return what, 2 * b * h * w * ci * co * 9, t_jax, t_torch, t_plain
 
 
 def bench_attention(shape, repeats, torch):
@@ -100,7 +107,7 @@ def bench_attention(shape, repeats, torch):
     q = rng.standard_normal((b, t, n, d), np.float32)
     k, v = (rng.standard_normal((b, s, n, d), np.float32) for _ in range(2))
     jq, jk, jv = (jnp.asarray(a) for a in (q, k, v))
-    ours = jax.jit(dot_product_attention)
+    ours = jax.jit(dot_product_attention, compiler_options=compiler_options())
     t_jax = min_time(lambda: ours(jq, jk, jv).block_until_ready(), repeats)
     plain = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))
     t_plain = min_time(lambda: plain(jq, jk, jv).block_until_ready(), repeats)
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         for shape in shapes[key]:
             what, flop, t_jax, t_torch, *plain = fn(shape, args.repeats, torch)
             rec = {"op": what, "shape": list(shape), "flop": flop, "jaxdiff_s": t_jax}
-            rec.update(pytorch_s=t_torch, jax_nn_s=plain[0] if plain else None)
+            rec.update(pytorch_s=t_torch, plain_jax_s=plain[0] if plain else None)
             records.append(rec)
             print(
                 f"{what}: jaxdiff {t_jax * 1e3:.1f} ms, PyTorch {t_torch * 1e3:.1f} ms", flush=True
@@ -151,15 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     }
     rows = [
         f"Single fp32 ops, minimum of {args.repeats} calls after a warm-up; GFLOP/s = 2 x MACs "
-        "/ time. `jax.nn` is `jax.nn.dot_product_attention(implementation='xla')`.",
+        "/ time. Plain JAX: convs under XLA's default options (YNNPACK convolutions), attention "
+        "as `jax.nn.dot_product_attention(implementation='xla')`.",
         "",
         "| op | jaxdiff (ms) | PyTorch (ms) | PyTorch / jaxdiff time | jaxdiff GFLOP/s | "
-        "PyTorch GFLOP/s | jax.nn attention (ms) |",
+        "PyTorch GFLOP/s | plain JAX (ms) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in records:
         gj, gt = r["flop"] / r["jaxdiff_s"] / 1e9, r["flop"] / r["pytorch_s"] / 1e9
-        plain = "-" if r["jax_nn_s"] is None else f"{r['jax_nn_s'] * 1e3:.1f}"
+        plain = "-" if r["plain_jax_s"] is None else f"{r['plain_jax_s'] * 1e3:.1f}"
         rows.append(
             f"| {r['op']} | {r['jaxdiff_s'] * 1e3:.1f} | {r['pytorch_s'] * 1e3:.1f} | "
             f"{r['pytorch_s'] / r['jaxdiff_s']:.2f} | {gj:.0f} | {gt:.0f} | {plain} |"

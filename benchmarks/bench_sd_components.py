@@ -249,6 +249,8 @@ def worker_jax(component: str, folder: Path, tiny: bool, batch: int, size: int, 
     import jax
     import jax.numpy as jnp
 
+    from jaxdiff.utils.xla import compiler_options
+
     cfg = _config(component, tiny)
     mod, cls_name = COMPONENTS[component][:2]
     cls = getattr(importlib.import_module(mod), cls_name)
@@ -275,7 +277,7 @@ def worker_jax(component: str, folder: Path, tiny: bool, batch: int, size: int, 
             return module.apply({"params": p}, ids).last_hidden_state
 
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(params, *args).compile()
+    compiled = jax.jit(fn, compiler_options=compiler_options()).lower(params, *args).compile()
     compile_s = time.perf_counter() - start
     flops = xla_flops(compiled)
     start = time.perf_counter()

@@ -108,12 +108,16 @@ def bench_torch(unet, scheduler, batch, size, steps, repeats):
 
 def bench_jax(folder: Path, batch, size, steps, repeats):
     from jaxdiff.pipelines import DiffusionPipeline
+    from jaxdiff.utils.xla import compiler_options
 
     pipe = DiffusionPipeline.from_pretrained(folder)
     unet, params = pipe.unet, pipe.params["unet"]
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     t = jnp.full((batch,), 500)
-    fwd = jax.jit(lambda p, x, t: unet.apply({"params": p}, x, t).sample)
+    fwd = jax.jit(
+        lambda p, x, t: unet.apply({"params": p}, x, t).sample,
+        compiler_options=compiler_options(),
+    )
     start = time.perf_counter()
     compiled = fwd.lower(params, x, t).compile()
     compile_fwd = time.perf_counter() - start

@@ -32,6 +32,7 @@ _EXPORTS = {
     "StableDiffusionDepth2ImgPipeline": "jaxdiff.pipelines",
     # utilities
     "make_image_grid": "jaxdiff.utils",
+    "compiler_options": "jaxdiff.utils",
 }
 
 

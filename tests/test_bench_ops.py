@@ -25,8 +25,8 @@ def test_quick_run_writes_every_op(tmp_path):
     conv = next(r for r in result["results"] if r["op"].startswith("conv"))
     assert conv["op"] == f"conv 3x3 {ci}->{co} on {b}x{h}x{w}"
     assert conv["flop"] == 2 * b * h * w * ci * co * 9
-    attention = [r for r in result["results"] if r["op"].startswith("attention")]
-    assert attention and all(r["jax_nn_s"] > 0 for r in attention)
+    plain = [r for r in result["results"] if r["op"].startswith(("attention", "conv"))]
+    assert plain and all(r["plain_jax_s"] > 0 for r in plain)
     rows = suite.rows_from_result("ops", result)
     assert [r["measure"] for r in rows] == [r["op"] for r in result["results"]]
     assert all(r["ratio"] > 0 and r["unit"] == "ms" for r in rows)

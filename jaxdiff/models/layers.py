@@ -425,6 +425,27 @@ def _softmax_block(q: Array, k: Array, v: Array, mask: Array | None, scale: floa
     return out / probs.sum(axis=-1, keepdims=True)
 
 
+def _map_in_chunks(fn, arrays: tuple[Array, ...], chunk: int, axis: int) -> Array:
+    """``fn(*slices)`` over consecutive ``chunk``-long slices of ``arrays`` along ``axis``
+    (``lax.map`` over the full chunks, one more call on the remainder), concatenated along
+    ``axis``; ``fn`` keeps the sliced axis where it was."""
+    t = arrays[0].shape[axis]
+    n_full = t // chunk
+    end = n_full * chunk
+
+    def split(a: Array) -> Array:  # (..., end, ...) -> (n_full, ..., chunk, ...)
+        a = jax.lax.slice_in_dim(a, 0, end, axis=axis)
+        a = a.reshape(a.shape[:axis] + (n_full, chunk) + a.shape[axis + 1 :])
+        return jnp.moveaxis(a, axis, 0)
+
+    out = jnp.moveaxis(jax.lax.map(lambda xs: fn(*xs), tuple(map(split, arrays))), 0, axis)
+    out = out.reshape(out.shape[:axis] + (end,) + out.shape[axis + 2 :])
+    if end < t:
+        rest = fn(*(jax.lax.slice_in_dim(a, end, t, axis=axis) for a in arrays))
+        out = jnp.concatenate([out, rest], axis=axis)
+    return out
+
+
 def _blocked_attention(
     query: Array, key: Array, value: Array, mask: Array | None, scale: float, chunk: int | None
 ) -> Array:
@@ -446,23 +467,12 @@ def _blocked_attention(
     q, k, v = (a.reshape((b * n,) + a.shape[2:]) for a in (q, k, v))
     if mask is not None:
         mask = mask.reshape((b * n,) + mask.shape[2:])  # (B*N, T or 1, S)
-    n_full = t // chunk
 
     def head(args):
         qh, kh, vh, mh = args
-        per_query = mh is not None and mh.shape[0] == t
-
-        def one(xs):
-            qc, mc = xs
-            return block(qc, kh, vh, mc if per_query else mh)
-
-        mc = mh[: n_full * chunk].reshape(n_full, chunk, s) if per_query else None
-        out = jax.lax.map(one, (qh[: n_full * chunk].reshape(n_full, chunk, h), mc))
-        out = out.reshape(n_full * chunk, h)
-        if n_full * chunk < t:
-            rest = mh[n_full * chunk :] if per_query else mh
-            out = jnp.concatenate([out, block(qh[n_full * chunk :], kh, vh, rest)])
-        return out
+        if mh is not None and mh.shape[0] == t:  # a mask row per query: chunk it with them
+            return _map_in_chunks(lambda qc, mc: block(qc, kh, vh, mc), (qh, mh), chunk, axis=0)
+        return _map_in_chunks(lambda qc: block(qc, kh, vh, mh), (qh,), chunk, axis=0)
 
     out = jax.lax.map(head, (q, k, v, mask))  # (B*N, T, H)
     return out.reshape(b, n, t, h).transpose(0, 2, 1, 3)
@@ -541,14 +551,7 @@ def dot_product_attention(
 
     if chunk_size is None or chunk_size >= t or (mask is not None and mask.shape[2] != 1):
         return attend(query).astype(out_dtype)
-    n_full = t // chunk_size
-    main = query[:, : n_full * chunk_size]
-    b, _, n, h = query.shape
-    chunks = main.reshape(b, n_full, chunk_size, n, h).swapaxes(0, 1)
-    out = jax.lax.map(attend, chunks).swapaxes(0, 1).reshape(b, n_full * chunk_size, n, h)
-    if n_full * chunk_size < t:
-        out = jnp.concatenate([out, attend(query[:, n_full * chunk_size :])], axis=1)
-    return out.astype(out_dtype)
+    return _map_in_chunks(attend, (query,), chunk_size, axis=1).astype(out_dtype)
 
 
 class Attention(nn.Module):

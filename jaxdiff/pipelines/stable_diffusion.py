@@ -45,6 +45,7 @@ from jaxdiff.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOut
 from jaxdiff.pipelines.unconditional import resolve_key
 from jaxdiff.schedulers.common import count_steps
 from jaxdiff.utils.tokenizer import tokenize
+from jaxdiff.utils.xla import compiler_options
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 SIGMA_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
@@ -373,7 +374,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
             ).sample
             return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
-        self._jit_cache[cache_key] = jax.jit(run)
+        self._jit_cache[cache_key] = jax.jit(run, compiler_options=compiler_options())
         return self._jit_cache[cache_key]
 
     # ------------------------------------------------------------------ shared call

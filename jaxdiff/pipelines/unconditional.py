@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxdiff import sampling
 from jaxdiff.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput, to_output
+from jaxdiff.utils.xla import compiler_options
 
 
 def resolve_key(key: jax.Array | None, seed: int | None) -> jax.Array:
@@ -73,7 +74,9 @@ class UnconditionalPipeline(DiffusionPipeline):
                 )
                 return jnp.clip(x_0.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
-            self._jit_cache[cache_key] = jax.jit(run, static_argnames=("shape",))
+            self._jit_cache[cache_key] = jax.jit(
+                run, static_argnames=("shape",), compiler_options=compiler_options()
+            )
         return self._jit_cache[cache_key]
 
     def _step_kwargs(self, **kwargs) -> tuple[dict[str, Any], tuple]:

@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxdiff import sampling
 from jaxdiff.models.modeling_utils import check_dtype
 from jaxdiff.training.losses import check_prediction_type, diffusion_loss
+from jaxdiff.utils.xla import compiler_options
 
 
 @struct.dataclass
@@ -246,6 +247,7 @@ def make_train_step(
         in_shardings=(replicated, by_batch, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,) if donate else (),
+        compiler_options=compiler_options(),
     )
     return TrainStep(jitted, mesh)
 

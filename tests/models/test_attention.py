@@ -62,6 +62,19 @@ def test_per_query_causal_mask(chunk):
     np.testing.assert_allclose(got, numpy_attention(q, k, v, causal), atol=2e-6)
 
 
+@pytest.mark.parametrize("chunk", [8, 13])
+def test_xla_implementation_in_query_chunks(chunk):
+    """The GPU-side path (``jax.nn.dot_product_attention``), which runs off the GPU with an
+    explicit ``implementation``: query chunks, a remainder, and a key mask."""
+    q, k, v = qkv((2, 30, 2, 8), (2, 11, 2, 8), seed=3)
+    mask = np.ones((2, 1, 1, 11), bool)
+    mask[1, ..., 7:] = False
+    got = dot_product_attention(
+        q, k, v, mask=jnp.asarray(mask), chunk_size=chunk, implementation="xla"
+    )
+    np.testing.assert_allclose(got, numpy_attention(q, k, v, mask), atol=2e-6)
+
+
 def test_gradients_match_jax_reference():
     q, k, v = qkv((1, 33, 2, 8), (1, 33, 2, 8), seed=3)
 
