@@ -280,10 +280,17 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return self.scheduler.add_noise(z0, noise, t)
 
     def _program(self, spec: _Spec):
+        """The jitted ``_run_fn(spec)``, cached per components and spec."""
         cache_key = ("sd", id(self.unet), id(self.vae), id(self.text_encoder))
         cache_key += (id(self.scheduler), spec)
-        if cache_key in self._jit_cache:
-            return self._jit_cache[cache_key]
+        if cache_key not in self._jit_cache:
+            run = self._run_fn(spec)
+            self._jit_cache[cache_key] = jax.jit(run, compiler_options=compiler_options())
+        return self._jit_cache[cache_key]
+
+    def _run_fn(self, spec: _Spec):
+        """The whole generation for ``spec`` as one pure function ``run(params, batch, scalars,
+        state, progress_id)``: text encoding, the scheduler loop and the VAE decode."""
         unet, vae, scheduler = self.unet, self.vae, self.scheduler
 
         def run(params, batch, scalars, state, progress_id):
@@ -374,8 +381,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
             ).sample
             return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
-        self._jit_cache[cache_key] = jax.jit(run, compiler_options=compiler_options())
-        return self._jit_cache[cache_key]
+        return run
 
     # ------------------------------------------------------------------ shared call
     def _prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg):
@@ -601,7 +607,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         spec_dev = _Spec(**{**spec.__dict__, "shape": (per_dev,) + spec.shape[1:]})
         state, more = self._state(steps, spec_dev.shape, begin, spec.traced_steps)
         scalars = {**scalars, **more}
-        run = self._program(spec_dev).__wrapped__
+        run = self._run_fn(spec_dev)
 
         def split(a):
             a = jnp.asarray(a)
