@@ -67,11 +67,11 @@ def test_options_move_convolutions_off_ynnpack_only():
 
 def test_same_convolution_result():
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 8, 8, 16), np.float32))
-    k = jnp.asarray(rng.standard_normal((3, 3, 16, 24), np.float32))
+    x, k = (jnp.asarray(rng.standard_normal(a.shape, np.float32)) for a in _conv_args())
+    assert _ynn_convolutions(_hlo(_conv, x, k)) == 1  # the default really is the other kernel
     ours = jax.jit(_conv, compiler_options=compiler_options())(x, k)
     default = jax.jit(_conv)(x, k)
-    # Two fp32 summation orders of 144 products of unit normals (sums of size ~12): ~1e-6.
+    # Two fp32 summation orders of 288 products of unit normals (sums of size ~17): ~1e-6.
     np.testing.assert_allclose(np.asarray(ours), np.asarray(default), rtol=1e-5, atol=1e-4)
 
 
