@@ -95,6 +95,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in --out"
     )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this trained UNet2DModel (pipeline or unet folder, or repo id) "
+        "instead of a random init; its config replaces --model/--unet-config",
+    )
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--no-resize", action="store_true", help="images must already be --resolution")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -135,6 +141,7 @@ def config_from_args(args: argparse.Namespace):
         resize=not args.no_resize,
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip if args.grad_clip and args.grad_clip > 0 else None,
+        init_from=args.init_from,
         progress=not args.no_progress,
     )
 
@@ -147,7 +154,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         result = train(config)
-    except (DatasetError, FileExistsError, ValueError, TypeError) as err:
+    except (DatasetError, FileExistsError, FileNotFoundError, ValueError, TypeError) as err:
         print(f"jaxdiff train: error: {err}", file=sys.stderr)
         return 2
     loss = "n/a" if result.last_loss is None else f"{result.last_loss:.4f}"

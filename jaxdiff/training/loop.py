@@ -89,6 +89,7 @@ _RUN_FIELDS = (
     "flip",
     "weight_decay",
     "grad_clip",
+    "init_from",
 )
 
 
@@ -119,6 +120,10 @@ class TrainConfig:
         flip: random horizontal flips.
         resize: resize + center-crop folder / npz images to ``resolution``.
         weight_decay, grad_clip: AdamW decay and global-norm clipping.
+        init_from: start from a trained ``UNet2DModel`` instead of a random init: a pipeline
+            folder or repo in diffusers layout (its ``unet/``), or a UNet folder. Its config
+            replaces ``model`` / ``unet_config``; the EMA starts at its weights, the optimizer
+            and the schedule start fresh (fine-tuning, or training on after an export).
         progress: show the tqdm bar.
         async_checkpoints: write checkpoints in the background.
     """
@@ -149,6 +154,7 @@ class TrainConfig:
     resize: bool = True
     weight_decay: float = 1e-6
     grad_clip: float | None = 1.0
+    init_from: str | None = None
     progress: bool = True
     async_checkpoints: bool = True
 
@@ -174,6 +180,11 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         check_prediction_type(self.prediction_type)
+        if self.init_from is not None and self.unet_config:
+            raise ValueError(
+                "unet_config cannot be combined with init_from: the model's config comes from "
+                f"{self.init_from!r}"
+            )
         if self.model not in MODEL_PRESETS:
             raise ValueError(f"model must be one of {sorted(MODEL_PRESETS)}, got {self.model!r}")
 
@@ -194,9 +205,28 @@ class TrainResult:
     seconds: float
 
 
+def _unet_subfolder(path_or_repo: str) -> str | None:
+    """``"unet"`` for a pipeline folder/repo (it has ``model_index.json``), else None."""
+    from jaxdiff import hub
+
+    return "unet" if hub.resolve_file(path_or_repo, "model_index.json", required=False) else None
+
+
+def load_init_unet(path_or_repo: str):
+    """``(UNet2DModel, float32 params)`` of ``TrainConfig.init_from``."""
+    from jaxdiff.models.unet_2d import UNet2DModel
+
+    return UNet2DModel.from_pretrained(
+        path_or_repo, subfolder=_unet_subfolder(path_or_repo), dtype=jnp.float32
+    )
+
+
 def build_unet(config: TrainConfig):
     """The ``UNet2DModel`` of ``config`` (float32 module; the step clones it for bf16)."""
     from jaxdiff.models.unet_2d import UNet2DModel
+
+    if config.init_from is not None:
+        return load_init_unet(config.init_from)[0]
 
     fields = {**MODEL_PRESETS[config.model], **(config.unet_config or {})}
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
@@ -359,7 +389,10 @@ def train(config: TrainConfig) -> TrainResult:
     if config.batch % n_dev:
         raise ValueError(f"batch ({config.batch}) must be a multiple of the {n_dev} local devices")
     batches = data_lib.BatchIterator(images, config.batch, config.seed, flip=config.flip)
-    unet = build_unet(config)
+    if config.init_from is not None:
+        unet, init_params = load_init_unet(config.init_from)
+    else:
+        unet, init_params = build_unet(config), None
     scheduler = build_scheduler(config)
     if images.shape[-1] != unet.in_channels:
         raise ValueError(
@@ -385,7 +418,9 @@ def train(config: TrainConfig) -> TrainResult:
     )
     root_key = jax.random.key(config.seed)
     init_key, train_key = jax.random.fold_in(root_key, 0), jax.random.fold_in(root_key, 1)
-    state = replicate_state(TrainState.create(unet.init_weights(init_key), optimizer), mesh)
+    if init_params is None:
+        init_params = jax.jit(unet.init_weights)(init_key)
+    state = replicate_state(TrainState.create(init_params, optimizer), mesh)
 
     ckpt = CheckpointManager(
         out / "checkpoints", keep=config.keep, async_save=config.async_checkpoints

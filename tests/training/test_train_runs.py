@@ -214,3 +214,42 @@ def test_export_loads_in_diffusers(runs):
     # both float32 with exact matmuls (conftest); only summation order differs
     assert relative_l2(ours, theirs) < 1e-5
     assert ref.scheduler.config.num_train_timesteps == pipe.scheduler.config.num_train_timesteps
+
+
+def test_init_from_a_trained_pipeline(runs, tmp_path):
+    from jaxdiff.training import TrainConfig, train
+    from jaxdiff.training.loop import load_init_unet
+
+    folder = runs["root"] / "a" / "pipeline"
+    unet, params = load_init_unet(folder)  # pipeline layout: its unet/
+    unet_only, params_only = load_init_unet(folder / "unet")  # a UNet folder
+    assert unet.block_out_channels == unet_only.block_out_channels == (16, 32)
+    for x, y in zip(_leaves(params), _leaves(params_only), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+    # lr 1e-12 and no decay: two steps move no weight by more than ~2e-12, so the run's params
+    # and EMA are the pretrained weights (a random init differs by O(0.1))
+    config = TrainConfig(
+        data=str(runs["data"]), out=str(tmp_path / "ft"), resolution=8, batch=8, steps=2,
+        lr=1e-12, warmup=0, weight_decay=0.0, sample_every=-1, progress=False,
+        init_from=str(folder), model="cats-32", async_checkpoints=False,
+    )  # fmt: skip
+    result = train(config)
+    assert result.steps_run == 2 and int(result.state.step) == 2
+    for tree in (result.state.params, result.state.ema_params):
+        for x, y in zip(_leaves(params), _leaves(tree), strict=True):
+            np.testing.assert_allclose(y, x, rtol=0, atol=1e-9)
+    # the architecture is the pretrained one, not the "cats-32" preset
+    saved = json.loads((result.pipeline_dir / "unet" / "config.json").read_text())
+    assert saved["block_out_channels"] == [16, 32]
+    assert json.loads((tmp_path / "ft" / "run.json").read_text())["init_from"] == str(folder)
+
+
+def test_init_from_errors(runs, tmp_path):
+    from jaxdiff.training import TrainConfig, train
+
+    base = dict(data=str(runs["data"]), resolution=8, batch=8, steps=1, progress=False)
+    with pytest.raises(ValueError, match="unet_config cannot be combined with init_from"):
+        train(TrainConfig(out=str(tmp_path / "x"), init_from="m", unet_config={"a": 1}, **base))
+    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a Hub repo id"):
+        train(TrainConfig(out=str(tmp_path / "y"), init_from=str(tmp_path / "nope"), **base))
