@@ -5,7 +5,7 @@ From x_t at timestep t the sampler jumps to the previous inference timestep t' =
 
 .. math::
     x_{t'} = \sqrt{\bar\alpha_{t'}}\,\hat x_0
-             + \sqrt{1 - \bar\alpha_{t'} - \sigma_t^2}\;\hat\epsilon
+             + \sqrt{\max(1 - \bar\alpha_{t'} - \sigma_t^2,\ 0)}\;\hat\epsilon
              + \sigma_t\,\epsilon, \qquad
     \hat x_0 = \frac{x_t - \sqrt{1-\bar\alpha_t}\,\hat\epsilon}{\sqrt{\bar\alpha_t}},
 
@@ -226,8 +226,10 @@ class DDIMScheduler(SchedulerMixin):
             # ε̂ re-derived from the clipped x̂₀ (GLIDE)
             eps_hat = (x_t - jnp.sqrt(alpha_bar_t) * x0_hat) / jnp.sqrt(beta_bar_t)
 
-        # 6. "direction pointing to x_t" of Eq. 12
-        direction = jnp.sqrt(1 - alpha_bar_prev - std_dev_t**2) * eps_hat
+        # 6. "direction pointing to x_t" of Eq. 12. With η = 1 and ᾱ_t = 0 (zero terminal SNR)
+        # σ_t² = 1 - ᾱ_{t'} and the radicand cancels to ~0; XLA's fused float32 arithmetic can
+        # land it a few ulp below 0 (NaN), so it is clamped at 0.
+        direction = jnp.sqrt(jnp.maximum(1 - alpha_bar_prev - std_dev_t**2, 0.0)) * eps_hat
         # 7. x_{t'} without the random noise of Eq. 12
         prev_sample = jnp.sqrt(alpha_bar_prev) * x0_hat + direction
         if not is_zero(eta):

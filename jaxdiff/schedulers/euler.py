@@ -389,9 +389,14 @@ class EulerDiscreteScheduler(SchedulerMixin):
         model_output = model_output.astype(jnp.float32)
         i = state.step_index
         sigma = state.sigmas[i]
-        n_steps = count_steps(state.timesteps)  # N (traced: states may be padded)
+        # diffusers divides S_churn by len(sigmas) - 1: N, or N + 1 for "log_linear", whose
+        # schedule has N + 2 levels. count_steps is N also for padded states (traced).
+        n_steps = count_steps(state.timesteps)
+        if self.config.interpolation_type == "log_linear":
+            n_steps = n_steps + 1
 
-        # Algorithm 2, line 4: γ_i = min(S_churn / N, √2 - 1) if S_tmin <= σ_i <= S_tmax else 0.
+        # Algorithm 2, line 4: γ_i = min(S_churn / N, √2 - 1) if S_tmin <= σ_i <= S_tmax else 0
+        # (N = len(sigmas) - 1, as diffusers).
         churn = not (isinstance(s_churn, (int, float)) and s_churn == 0)
         if churn:
             in_range = (s_tmin <= sigma) & (sigma <= s_tmax)

@@ -11,7 +11,7 @@ into a deterministic Euler step down to :math:`\sigma_{down}` and fresh noise of
 
 .. math::
     \sigma_{up} = \sqrt{\frac{\sigma_{i+1}^2 (\sigma_i^2 - \sigma_{i+1}^2)}{\sigma_i^2}},
-    \qquad \sigma_{down} = \sqrt{\sigma_{i+1}^2 - \sigma_{up}^2},
+    \qquad \sigma_{down} = \sqrt{\max(\sigma_{i+1}^2 - \sigma_{up}^2,\ 0)},
 
 .. math::
     \tilde x_{i+1} = \tilde x_i + (\sigma_{down} - \sigma_i)\,
@@ -162,7 +162,10 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
 
         # k-diffusion get_ancestral_step: split σ_{i+1}² into σ_down² + σ_up².
         sigma_up = jnp.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2)
-        sigma_down = jnp.sqrt(sigma_to**2 - sigma_up**2)
+        # σ_down² = σ_{i+1}² - σ_up² (= σ_{i+1}⁴ / σ_i² exactly) cancels to ~0 when σ_i ≫ σ_{i+1}
+        # (cosine schedule, σ_0 ~ 2e4): diffusers' float32 rounds it to 0, but XLA may contract
+        # it into an FMA that lands a few ulp below 0, so clamp before the square root.
+        sigma_down = jnp.sqrt(jnp.maximum(sigma_to**2 - sigma_up**2, 0.0))
         d = (x - x0_hat) / sigma_from  # Karras Eq. 4: dx̃/dσ = (x̃ - x̂₀) / σ
         prev_sample = x + d * (sigma_down - sigma_from)  # Euler step to σ_down
         prev_sample = prev_sample + eps * sigma_up  # ancestral noise back up to σ_{i+1}

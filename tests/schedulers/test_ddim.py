@@ -304,3 +304,37 @@ def test_steps_offset_past_the_table_is_an_error():
     ):
         with pytest.raises(ValueError, match="steps_offset=1 pushes timestep 1000 past"):
             sched.set_timesteps(1000)
+
+
+@requires_reference
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_zero_snr_eta1_first_step_is_finite_under_jit(prediction_type):
+    """Regression: with rescale_betas_zero_snr ᾱ_t = 0 at the first ("trailing") timestep, so at
+    η = 1 σ_t² = 1 - ᾱ_{t'} and sqrt(1 - ᾱ_{t'} - σ_t²) cancels to ~0. The jitted step (XLA
+    fuses it into float32 FMAs) went a few ulp below 0 and returned NaN where diffusers is
+    finite."""
+    import torch
+    from diffusers import DDIMScheduler as TorchDDIM
+
+    config = {
+        "timestep_spacing": "trailing",
+        "rescale_betas_zero_snr": True,
+        "prediction_type": prediction_type,
+    }
+    ref = TorchDDIM(**config)
+    ref.set_timesteps(25)
+    sched = DDIMScheduler(**config)
+    state = sched.set_timesteps(25)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+    noise = rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+    mo = (0.6 * np.tanh(x) + 0.3 * np.sin(1.3 * x + 4.0) + 0.05).astype(np.float32)
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+    t = int(state.timesteps[0])
+    expected = ref.step(nchw(mo), t, nchw(x), eta=1.0, variance_noise=nchw(noise)).prev_sample
+    expected = expected.numpy().transpose(0, 2, 3, 1)
+    assert np.isfinite(expected).all()
+    step = jax.jit(lambda s, m, tt, xx, nz: sched.step(s, m, tt, xx, noise=nz, eta=1.0))
+    out = step(state, jnp.asarray(mo), state.timesteps[0], jnp.asarray(x), noise)
+    got = np.asarray(out.prev_sample)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -54,6 +54,19 @@ def test_live_parity(config, n, step_kwargs):
     run_live(EulerDiscreteScheduler, config, n, step_kwargs, name="euler_live")
 
 
+@requires_reference
+def test_live_parity_log_linear_churn():
+    """Regression: diffusers' γ = min(S_churn / (len(sigmas) - 1), √2 - 1), and "log_linear"
+    has N + 2 levels, so the divisor is N + 1 there (jaxdiff divided by N)."""
+    run_live(
+        EulerDiscreteScheduler,
+        {"interpolation_type": "log_linear", "timestep_spacing": "trailing"},
+        6,
+        {"s_churn": 1.0},
+        name="euler_log_linear_churn_live",
+    )
+
+
 def test_karras_sigmas_eq5():
     s = karras_sigmas(0.1, 10.0, 5, rho=7.0)
     ramp = np.linspace(0, 1, 5)

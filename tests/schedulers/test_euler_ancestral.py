@@ -36,6 +36,19 @@ def test_live_parity():
     )
 
 
+@requires_reference
+def test_live_parity_cosine_no_nan_under_jit():
+    """Regression: with the cosine schedule σ_0 ~ 2e4 ≫ σ_1, so σ_down² = σ_1² - σ_up² cancels
+    to ~0; XLA's fused float32 arithmetic put it a few ulp below 0 and the jitted step returned
+    NaN everywhere (diffusers rounds it to 0). The trajectory runs in a jitted lax.scan."""
+    run_live(
+        EulerAncestralDiscreteScheduler,
+        {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "linspace"},
+        7,
+        name="ancestral_cosine_live",
+    )
+
+
 def test_ancestral_split_preserves_variance():
     r"""σ_down² + σ_up² = σ_{i+1}² (k-diffusion get_ancestral_step): with x̂₀ exact (= 0 for
     data at 0), x̃_{i+1} has std σ_{i+1}."""
