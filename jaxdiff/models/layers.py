@@ -174,6 +174,53 @@ def avg_pool_2x2(x: Array) -> Array:
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
 
+def upfirdn2d(x: Array, kernel: np.ndarray, up: int = 1, down: int = 1, pad=(0, 0)) -> Array:
+    """diffusers' ``upfirdn2d_native`` on NHWC ``x``: zero-insertion upsampling by ``up``, zero
+    padding ``pad = (before, after)`` on both spatial axes, a depthwise correlation with the
+    flipped 2-D FIR ``kernel`` (i.e. a true convolution), then keeping every ``down``-th pixel."""
+    b, h, w, c = x.shape
+    if up > 1:
+        x = x.reshape(b, h, 1, w, 1, c)
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, up - 1), (0, 0), (0, up - 1), (0, 0)))
+        x = x.reshape(b, h * up, w * up, c)
+    p0, p1 = pad
+    x = jnp.pad(x, ((0, 0), (max(p0, 0), max(p1, 0)), (max(p0, 0), max(p1, 0)), (0, 0)))
+    x = x[:, max(-p0, 0) : x.shape[1] - max(-p1, 0), max(-p0, 0) : x.shape[2] - max(-p1, 0)]
+    k = np.flip(np.asarray(kernel, np.float32), (0, 1))
+    w_ = jnp.asarray(np.broadcast_to(k[:, :, None, None], k.shape + (1, c)), x.dtype)
+    y = jax.lax.conv_general_dilated(
+        x,
+        w_,
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=c,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return y[:, ::down, ::down, :]
+
+
+def _fir_kernel(kernel, scale: float) -> np.ndarray:
+    k = np.asarray(kernel, np.float32)
+    if k.ndim == 1:
+        k = np.outer(k, k)
+    return k / k.sum() * scale
+
+
+def fir_upsample_2d(x: Array, kernel=(1, 3, 3, 1), factor: int = 2, gain: float = 1) -> Array:
+    """diffusers' ``upsample_2d`` (FIR upsampling of *Karras et al. (2020)*; NHWC, no conv)."""
+    k = _fir_kernel(kernel, gain * factor**2)
+    p = k.shape[0] - factor
+    return upfirdn2d(x, k, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
+
+
+def fir_downsample_2d(x: Array, kernel=(1, 3, 3, 1), factor: int = 2, gain: float = 1) -> Array:
+    """diffusers' ``downsample_2d`` (FIR low-pass, then stride ``factor``; NHWC, no conv)."""
+    k = _fir_kernel(kernel, gain)
+    p = k.shape[0] - factor
+    return upfirdn2d(x, k, down=factor, pad=((p + 1) // 2, p // 2))
+
+
 class Downsample2D(nn.Module):
     r"""Halves H and W: a stride-2 3x3 conv (``use_conv``) or a 2x2 average pool.
 
@@ -273,7 +320,8 @@ class ResnetBlock2D(nn.Module):
     ``scale_shift`` is the adaptive group norm of *Dhariwal & Nichol (2021), Sec. 3*.
     ``temb_channels=None`` drops the time embedding (the VAE). ``up``/``down`` resample both
     branches by nearest x2 / 2x2 average pool after the first activation (BigGAN-style
-    resampling blocks, ``downsample_type="resnet"``).
+    resampling blocks, ``downsample_type="resnet"``); ``kernel="fir"`` resamples with the
+    (1, 3, 3, 1) FIR filter instead (the skip blocks of score-SDE UNets, *Song et al. (2021)*).
     """
 
     in_channels: int
@@ -292,6 +340,7 @@ class ResnetBlock2D(nn.Module):
     down: bool = False
     conv_shortcut_bias: bool = True
     conv_2d_out_channels: int | None = None
+    kernel: str | None = None
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -302,6 +351,10 @@ class ResnetBlock2D(nn.Module):
             raise ValueError(
                 f"ResnetBlock2D: time_embedding_norm must be 'default' or 'scale_shift', "
                 f"got {self.time_embedding_norm!r}"
+            )
+        if self.kernel not in (None, "fir", "sde_vp"):
+            raise ValueError(
+                f"ResnetBlock2D: kernel must be None, 'fir' or 'sde_vp', got {self.kernel!r}"
             )
         if hidden_states.shape[-1] != self.in_channels:
             raise ValueError(
@@ -317,9 +370,11 @@ class ResnetBlock2D(nn.Module):
         h = apply_norm(group_norm(self.groups, self.eps, "norm1"), x, dtype)
         h = act(h)
         if self.up:
-            x, h = upsample_nearest(x), upsample_nearest(h)
+            up = fir_upsample_2d if self.kernel == "fir" else upsample_nearest
+            x, h = up(x), up(h)
         elif self.down:
-            x, h = avg_pool_2x2(x), avg_pool_2x2(h)
+            down = fir_downsample_2d if self.kernel == "fir" else avg_pool_2x2
+            x, h = down(x), down(h)
         h = conv(out_channels, dtype=dtype, name="conv1")(h)
 
         t = None

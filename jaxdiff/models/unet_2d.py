@@ -22,7 +22,13 @@ import numpy as np
 from jaxdiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from jaxdiff.models.layers import apply_norm, conv, group_norm
 from jaxdiff.models.modeling_utils import FlaxModelMixin
-from jaxdiff.models.unet_2d_blocks import UNetMidBlock2D, get_down_block, get_up_block
+from jaxdiff.models.unet_2d_blocks import (
+    SKIP_DOWN_BLOCKS,
+    SKIP_UP_BLOCKS,
+    UNetMidBlock2D,
+    get_down_block,
+    get_up_block,
+)
 
 Array = jax.Array
 
@@ -211,6 +217,23 @@ class UNet2DModel(FlaxModelMixin, nn.Module):
                 "class_embed_type must be None, 'timestep' or 'identity', got "
                 f"{self.class_embed_type!r}"
             )
+
+        # Skip blocks that resample (all but the last level) hold 3-channel skip convs.
+        def resampling_skip_block(types: tuple[str, ...]) -> bool:
+            return any("Skip" in t for t in types[: n - 1])
+
+        if resampling_skip_block(self.down_block_types) and self.in_channels != 3:
+            raise ValueError(
+                "Skip down blocks (SkipDownBlock2D, AttnSkipDownBlock2D) take the 3-channel "
+                f"input image (diffusers hard-codes skip_conv to 3 channels); got in_channels="
+                f"{self.in_channels}"
+            )
+        if resampling_skip_block(self.up_block_types) and self.out_channels != 3:
+            raise ValueError(
+                "Skip up blocks (SkipUpBlock2D, AttnSkipUpBlock2D) add a 3-channel output "
+                f"branch (diffusers hard-codes skip_conv to 3 channels); got out_channels="
+                f"{self.out_channels}"
+            )
         if self.mid_block_type not in (None, "UNetMidBlock2D"):
             raise ValueError(
                 f"mid_block_type must be 'UNetMidBlock2D' or None, got {self.mid_block_type!r}"
@@ -285,7 +308,8 @@ class UNet2DModel(FlaxModelMixin, nn.Module):
                 "(class_embed_type=None, num_class_embeds=None)"
             )
 
-        # 3. down path
+        # 3. down path (skip blocks also carry the 3-channel input, NCSN++'s progressive input)
+        skip_sample = sample
         h = conv(boc[0], dtype=dtype, name="conv_in")(sample.astype(dtype))
         skips: tuple[Array, ...] = (h,)
         output_channel = boc[0]
@@ -312,7 +336,10 @@ class UNet2DModel(FlaxModelMixin, nn.Module):
                 dtype=dtype,
                 name=f"down_blocks_{i}",
             )
-            h, res = block(h, emb, train)
+            if isinstance(block, SKIP_DOWN_BLOCKS):
+                h, res, skip_sample = block(h, emb, skip_sample=skip_sample, train=train)
+            else:
+                h, res = block(h, emb, train)
             skips += res
 
         # 4. mid
@@ -340,6 +367,7 @@ class UNet2DModel(FlaxModelMixin, nn.Module):
         reversed_boc = boc[::-1]
         output_channel = reversed_boc[0]
         n_skips = self.layers_per_block + 1
+        skip_sample = None
         for i, block_type in enumerate(self.up_block_types):
             prev_output_channel, output_channel = output_channel, reversed_boc[i]
             input_channel = reversed_boc[min(i + 1, len(boc) - 1)]
@@ -365,7 +393,10 @@ class UNet2DModel(FlaxModelMixin, nn.Module):
                 name=f"up_blocks_{i}",
             )
             res, skips = skips[-n_skips:], skips[:-n_skips]
-            h = block(h, res, emb, train=train)
+            if isinstance(block, SKIP_UP_BLOCKS):
+                h, skip_sample = block(h, res, emb, skip_sample=skip_sample, train=train)
+            else:
+                h = block(h, res, emb, train=train)
 
         # 6. out
         groups_out = (
@@ -374,6 +405,8 @@ class UNet2DModel(FlaxModelMixin, nn.Module):
         h = apply_norm(group_norm(groups_out, self.norm_eps, "conv_norm_out"), h, dtype)
         h = nn.silu(h)  # diffusers' conv_act is always SiLU
         h = conv(self.out_channels, dtype=dtype, name="conv_out")(h)
+        if skip_sample is not None:  # the output branch of the skip up blocks
+            h = h + skip_sample.astype(h.dtype)
 
         if self.time_embedding_type == "fourier":
             h = h / timesteps.reshape(batch, 1, 1, 1).astype(h.dtype)

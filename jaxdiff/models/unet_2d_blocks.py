@@ -4,6 +4,11 @@ Each block holds ``resnets`` (and ``attentions``) lists and an optional ``downsa
 ``upsamplers`` list of one module, named as in diffusers so the key table maps
 ``down_blocks_1/attentions_0/to_q`` to ``down_blocks.1.attentions.0.to_q``. Down blocks return
 ``(hidden_states, skip states)``; up blocks consume the skips last-first.
+
+Block types: ``DownBlock2D``, ``AttnDownBlock2D``, ``ResnetDownsampleBlock2D`` and the
+score-SDE skip blocks ``SkipDownBlock2D`` / ``AttnSkipDownBlock2D`` (which also carry a
+3-channel ``skip_sample`` and return it third; their ResNet resamplers sit in ``resnet_down`` /
+``resnet_up``), with the matching up blocks.
 """
 
 from __future__ import annotations
@@ -11,18 +16,34 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxdiff.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from jaxdiff.models.layers import (
+    Attention,
+    Downsample2D,
+    ResnetBlock2D,
+    Upsample2D,
+    apply_norm,
+    conv,
+    fir_downsample_2d,
+    fir_upsample_2d,
+    group_norm,
+)
 
 Array = jax.Array
 
 
 def _heads(channels: int, attention_head_dim: int | None) -> tuple[int, int]:
-    """(heads, dim_head) of diffusers' deprecated-style attention blocks."""
+    """(heads, dim_head) of diffusers' deprecated-style attention blocks.
+
+    ``heads = channels // attention_head_dim`` rounds down, as in diffusers: a head width that
+    does not divide the channels gives an attention of inner width ``heads * dim_head`` (< C).
+    """
     dim_head = attention_head_dim if attention_head_dim is not None else channels
-    if channels % dim_head:
+    if dim_head < 1 or channels // dim_head < 1:
         raise ValueError(
-            f"attention_head_dim={dim_head} must divide the block's {channels} channels"
+            f"attention_head_dim={dim_head} must be between 1 and the block's {channels} "
+            "channels (diffusers builds channels // attention_head_dim heads)"
         )
     return channels // dim_head, dim_head
 
@@ -322,8 +343,261 @@ class AttnUpBlock2D(_UpFields):
         return hidden_states
 
 
-DOWN_BLOCKS = {"DownBlock2D": DownBlock2D, "AttnDownBlock2D": AttnDownBlock2D}
-UP_BLOCKS = {"UpBlock2D": UpBlock2D, "AttnUpBlock2D": AttnUpBlock2D}
+class ResnetDownsampleBlock2D(_BlockFields):
+    """``num_layers`` ResNet blocks, then a ResNet block with 2x2 average pooling
+    (``downsamplers_0``; BigGAN-style, as ``downsample_type="resnet"``)."""
+
+    add_downsample: bool = True
+    skip_time_act: bool = False
+
+    @nn.compact
+    def __call__(self, hidden_states: Array, temb: Array | None = None, train: bool = False):
+        output_states = ()
+        for i in range(self.num_layers):
+            in_ch = self.in_channels if i == 0 else self.out_channels
+            hidden_states = self._resnet(
+                in_ch, self.out_channels, f"resnets_{i}", skip_time_act=self.skip_time_act
+            )(hidden_states, temb, train)
+            output_states += (hidden_states,)
+        if self.add_downsample:
+            hidden_states = self._resnet(
+                self.out_channels,
+                self.out_channels,
+                "downsamplers_0",
+                skip_time_act=self.skip_time_act,
+                down=True,
+            )(hidden_states, temb, train)
+            output_states += (hidden_states,)
+        return hidden_states, output_states
+
+
+class ResnetUpsampleBlock2D(_UpFields):
+    """``num_layers`` ResNet blocks on [features, skip] concatenations, then a ResNet block
+    with nearest x2 upsampling (``upsamplers_0``)."""
+
+    add_upsample: bool = True
+    skip_time_act: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        hidden_states: Array,
+        res_hidden_states_tuple: tuple[Array, ...],
+        temb: Array | None = None,
+        upsample_size: tuple[int, int] | None = None,
+        train: bool = False,
+    ) -> Array:
+        self._check_skips(res_hidden_states_tuple)
+        for i in range(self.num_layers):
+            skip = res_hidden_states_tuple[-1 - i]
+            hidden_states = jnp.concatenate([hidden_states, skip.astype(hidden_states.dtype)], -1)
+            hidden_states = self._resnet(
+                self._resnet_in(i),
+                self.out_channels,
+                f"resnets_{i}",
+                skip_time_act=self.skip_time_act,
+            )(hidden_states, temb, train)
+        if self.add_upsample:
+            # diffusers' ResnetBlock2D(up=True) always doubles; upsample_size is not used.
+            hidden_states = self._resnet(
+                self.out_channels,
+                self.out_channels,
+                "upsamplers_0",
+                skip_time_act=self.skip_time_act,
+                up=True,
+            )(hidden_states, temb, train)
+        return hidden_states
+
+
+# ------------------------------------------------------------------------------------------
+# Score-SDE (NCSN++) skip blocks: a 3-channel "skip sample" runs alongside the features (the
+# progressive input / output branches of *Song et al. (2021), App. H*), resampled with the
+# (1, 3, 3, 1) FIR filter. As in diffusers, their group norms use min(C // 4, 32) groups
+# (``resnet_groups`` is ignored), attention always 32 groups, and the blocks' residual outputs
+# are scaled by 1 / sqrt(2).
+
+
+def _skip_groups(channels: int) -> int:
+    return min(channels // 4, 32)
+
+
+class _SkipFields(_BlockFields):
+    output_scale_factor: float = float(np.sqrt(2.0))
+
+    def _skip_resnet(self, in_ch: int, groups: int, name: str, **kw) -> ResnetBlock2D:
+        return ResnetBlock2D(
+            in_channels=in_ch,
+            out_channels=self.out_channels,
+            temb_channels=self.temb_channels,
+            eps=self.resnet_eps,
+            groups=groups,
+            groups_out=_skip_groups(self.out_channels),
+            dropout=self.dropout,
+            time_embedding_norm=self.resnet_time_scale_shift,
+            non_linearity=self.resnet_act_fn,
+            output_scale_factor=self.output_scale_factor,
+            dtype=self.dtype,
+            name=name,
+            **kw,
+        )
+
+
+class SkipDownBlock2D(_SkipFields):
+    """``num_layers`` ResNet blocks; with ``add_downsample``, a FIR-downsampling ResNet block
+    plus a 1x1 conv of the FIR-downsampled 3-channel ``skip_sample`` added to the features.
+
+    Call: ``(hidden_states, temb, skip_sample, train)`` -> ``(hidden_states, skip states,
+    skip_sample)``.
+    """
+
+    add_downsample: bool = True
+    downsample_padding: int = 1
+    has_attention = False
+    attention_head_dim: int | None = 1
+
+    @nn.compact
+    def __call__(
+        self,
+        hidden_states: Array,
+        temb: Array | None = None,
+        skip_sample: Array | None = None,
+        train: bool = False,
+    ):
+        output_states = ()
+        for i in range(self.num_layers):
+            in_ch = self.in_channels if i == 0 else self.out_channels
+            hidden_states = self._skip_resnet(in_ch, _skip_groups(in_ch), f"resnets_{i}")(
+                hidden_states, temb, train
+            )
+            if self.has_attention:
+                hidden_states = self._attention(
+                    self.out_channels, self.attention_head_dim, 32, f"attentions_{i}"
+                )(hidden_states, train=train)
+            output_states += (hidden_states,)
+        if self.add_downsample:
+            if skip_sample is None:
+                raise ValueError(f"{type(self).__name__} needs skip_sample")
+            hidden_states = self._skip_resnet(
+                self.out_channels,
+                _skip_groups(self.out_channels),
+                "resnet_down",
+                use_in_shortcut=True,
+                down=True,
+                kernel="fir",
+            )(hidden_states, temb, train)
+            skip_sample = fir_downsample_2d(skip_sample)
+            hidden_states = hidden_states + conv(
+                self.out_channels, 1, padding=0, dtype=self.dtype, name="skip_conv"
+            )(skip_sample.astype(self.dtype))
+            output_states += (hidden_states,)
+        return hidden_states, output_states, skip_sample
+
+
+class AttnSkipDownBlock2D(SkipDownBlock2D):
+    """:class:`SkipDownBlock2D` with self-attention (32 groups) after every ResNet block."""
+
+    has_attention = True
+
+
+class SkipUpBlock2D(_SkipFields, _UpFields):
+    """ResNet blocks on [features, skip] concatenations; the 3-channel ``skip_sample`` is FIR
+    upsampled and, with ``add_upsample``, gets ``skip_conv(SiLU(skip_norm(h)))`` added before a
+    FIR-upsampling ResNet block.
+
+    Call: ``(hidden_states, res_hidden_states_tuple, temb, skip_sample, train)`` ->
+    ``(hidden_states, skip_sample)`` (``skip_sample`` None stands for diffusers' 0).
+    """
+
+    add_upsample: bool = True
+    has_attention = False
+    attention_head_dim: int | None = 1
+
+    def _resnet_groups(self, i: int) -> int:
+        running = self.prev_output_channel if i == 0 else self.out_channels
+        res_skip = self.in_channels if i == self.num_layers - 1 else self.out_channels
+        return _skip_groups(running + res_skip)
+
+    @nn.compact
+    def __call__(
+        self,
+        hidden_states: Array,
+        res_hidden_states_tuple: tuple[Array, ...],
+        temb: Array | None = None,
+        skip_sample: Array | None = None,
+        train: bool = False,
+    ):
+        self._check_skips(res_hidden_states_tuple)
+        for i in range(self.num_layers):
+            skip = res_hidden_states_tuple[-1 - i]
+            hidden_states = jnp.concatenate([hidden_states, skip.astype(hidden_states.dtype)], -1)
+            hidden_states = self._skip_resnet(
+                self._resnet_in(i), self._resnet_groups(i), f"resnets_{i}"
+            )(hidden_states, temb, train)
+        if self.has_attention:
+            hidden_states = self._attention(
+                self.out_channels, self.attention_head_dim, 32, "attentions_0"
+            )(hidden_states, train=train)
+        if skip_sample is not None:
+            skip_sample = fir_upsample_2d(skip_sample)
+        if self.add_upsample:
+            s = apply_norm(
+                group_norm(_skip_groups(self.out_channels), self.resnet_eps, "skip_norm"),
+                hidden_states,
+                self.dtype,
+            )
+            s = conv(3, dtype=self.dtype, name="skip_conv")(nn.silu(s))
+            skip_sample = s if skip_sample is None else skip_sample.astype(s.dtype) + s
+            hidden_states = ResnetBlock2D(
+                in_channels=self.out_channels,
+                out_channels=self.out_channels,
+                temb_channels=self.temb_channels,
+                eps=self.resnet_eps,
+                groups=_skip_groups(self.out_channels),
+                groups_out=_skip_groups(self.out_channels),
+                dropout=self.dropout,
+                time_embedding_norm=self.resnet_time_scale_shift,
+                non_linearity=self.resnet_act_fn,
+                output_scale_factor=self.output_scale_factor,
+                use_in_shortcut=True,
+                up=True,
+                kernel="fir",
+                dtype=self.dtype,
+                name="resnet_up",
+            )(hidden_states, temb, train)
+        return hidden_states, skip_sample
+
+
+class AttnSkipUpBlock2D(SkipUpBlock2D):
+    """:class:`SkipUpBlock2D` with one self-attention (32 groups) after the ResNet blocks.
+
+    Its ResNet blocks' first group norm has ``min(C_in + C_skip // 4, 32)`` groups: diffusers'
+    operator precedence, kept for weight compatibility.
+    """
+
+    has_attention = True
+
+    def _resnet_groups(self, i: int) -> int:
+        running = self.prev_output_channel if i == 0 else self.out_channels
+        res_skip = self.in_channels if i == self.num_layers - 1 else self.out_channels
+        return min(running + res_skip // 4, 32)
+
+
+SKIP_DOWN_BLOCKS = (SkipDownBlock2D, AttnSkipDownBlock2D)
+SKIP_UP_BLOCKS = (SkipUpBlock2D, AttnSkipUpBlock2D)
+DOWN_BLOCKS = {
+    "DownBlock2D": DownBlock2D,
+    "AttnDownBlock2D": AttnDownBlock2D,
+    "ResnetDownsampleBlock2D": ResnetDownsampleBlock2D,
+    "SkipDownBlock2D": SkipDownBlock2D,
+    "AttnSkipDownBlock2D": AttnSkipDownBlock2D,
+}
+UP_BLOCKS = {
+    "UpBlock2D": UpBlock2D,
+    "AttnUpBlock2D": AttnUpBlock2D,
+    "ResnetUpsampleBlock2D": ResnetUpsampleBlock2D,
+    "SkipUpBlock2D": SkipUpBlock2D,
+    "AttnSkipUpBlock2D": AttnSkipUpBlock2D,
+}
 
 
 def get_down_block(
@@ -373,6 +647,12 @@ def get_down_block(
             downsample_type=(downsample_type or "conv") if add_downsample else None,
             **common,
         )
+    if kind == "ResnetDownsampleBlock2D":
+        return ResnetDownsampleBlock2D(add_downsample=add_downsample, **common)
+    if kind in ("SkipDownBlock2D", "AttnSkipDownBlock2D"):
+        common.pop("resnet_groups")  # the skip blocks use min(C // 4, 32) groups
+        extra = {"attention_head_dim": attention_head_dim} if kind.startswith("Attn") else {}
+        return DOWN_BLOCKS[kind](add_downsample=add_downsample, **extra, **common)
     raise ValueError(
         f"down block type {down_block_type!r} is not supported by jaxdiff's UNet2DModel; "
         f"supported: {sorted(DOWN_BLOCKS)}"
@@ -424,6 +704,12 @@ def get_up_block(
             upsample_type=(upsample_type or "conv") if add_upsample else None,
             **common,
         )
+    if kind == "ResnetUpsampleBlock2D":
+        return ResnetUpsampleBlock2D(add_upsample=add_upsample, **common)
+    if kind in ("SkipUpBlock2D", "AttnSkipUpBlock2D"):
+        common.pop("resnet_groups")  # the skip blocks use min(C // 4, 32) groups
+        extra = {"attention_head_dim": attention_head_dim} if kind.startswith("Attn") else {}
+        return UP_BLOCKS[kind](add_upsample=add_upsample, **extra, **common)
     raise ValueError(
         f"up block type {up_block_type!r} is not supported by jaxdiff's UNet2DModel; "
         f"supported: {sorted(UP_BLOCKS)}"

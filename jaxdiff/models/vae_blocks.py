@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.layers import (
+    Attention,
     Downsample2D,
     ResnetBlock2D,
     Upsample2D,
@@ -26,8 +27,8 @@ from jaxdiff.models.unet_2d_blocks import UNetMidBlock2D
 
 Array = jax.Array
 
-DOWN_ENCODER_BLOCKS = ("DownEncoderBlock2D",)
-UP_DECODER_BLOCKS = ("UpDecoderBlock2D",)
+DOWN_ENCODER_BLOCKS = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
+UP_DECODER_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
 
 
 class _VaeBlockFields(nn.Module):
@@ -43,6 +44,13 @@ class _VaeBlockFields(nn.Module):
     resnet_groups: int = 32
     output_scale_factor: float = 1.0
     dtype: jnp.dtype = jnp.float32
+
+    # The Attn* variants follow every ResNet block with a self-attention (group norm of
+    # ``resnet_groups`` groups, heads of width ``attention_head_dim``; the VAE passes the block
+    # width: one head).
+    has_attention = False
+    attention_head_dim: int | None = None
+    attention_chunk_size: int | None = None
 
     def _resnets(self, hidden_states: Array, train: bool) -> Array:
         if self.resnet_time_scale_shift != "default":
@@ -64,6 +72,23 @@ class _VaeBlockFields(nn.Module):
                 dtype=self.dtype,
                 name=f"resnets_{i}",
             )(hidden_states, None, train)
+            if self.has_attention:
+                c = self.out_channels
+                dim_head = self.attention_head_dim or c
+                hidden_states = Attention(
+                    c,
+                    heads=c // dim_head,
+                    dim_head=dim_head,
+                    rescale_output_factor=self.output_scale_factor,
+                    eps=self.resnet_eps,
+                    norm_num_groups=self.resnet_groups,
+                    residual_connection=True,
+                    bias=True,
+                    upcast_softmax=True,
+                    attention_chunk_size=self.attention_chunk_size,
+                    dtype=self.dtype,
+                    name=f"attentions_{i}",
+                )(hidden_states, train=train)
         return hidden_states
 
 
@@ -109,6 +134,26 @@ class UpDecoderBlock2D(_VaeBlockFields):
                 name="upsamplers_0",
             )(hidden_states)
         return hidden_states
+
+
+class AttnDownEncoderBlock2D(DownEncoderBlock2D):
+    """:class:`DownEncoderBlock2D` with a self-attention after every ResNet block."""
+
+    has_attention = True
+
+
+class AttnUpDecoderBlock2D(UpDecoderBlock2D):
+    """:class:`UpDecoderBlock2D` with a self-attention after every ResNet block."""
+
+    has_attention = True
+
+
+_BLOCKS = {
+    "DownEncoderBlock2D": DownEncoderBlock2D,
+    "AttnDownEncoderBlock2D": AttnDownEncoderBlock2D,
+    "UpDecoderBlock2D": UpDecoderBlock2D,
+    "AttnUpDecoderBlock2D": AttnUpDecoderBlock2D,
+}
 
 
 def _check_block_types(kind: str, types: tuple[str, ...], allowed: tuple[str, ...], n: int) -> None:
@@ -178,7 +223,7 @@ class Encoder(nn.Module):
         output_channel = boc[0]
         for i in range(len(boc)):
             input_channel, output_channel = output_channel, boc[i]
-            h = DownEncoderBlock2D(
+            h = _BLOCKS[self.down_block_types[i]](
                 in_channels=input_channel,
                 out_channels=output_channel,
                 num_layers=self.layers_per_block,
@@ -187,6 +232,8 @@ class Encoder(nn.Module):
                 resnet_groups=self.norm_num_groups,
                 add_downsample=i < len(boc) - 1,
                 downsample_padding=0,
+                attention_head_dim=output_channel,
+                attention_chunk_size=self.attention_chunk_size,
                 dtype=dtype,
                 name=f"down_blocks_{i}",
             )(h, train)
@@ -246,7 +293,7 @@ class Decoder(nn.Module):
         output_channel = reversed_boc[0]
         for i in range(len(boc)):
             prev_output_channel, output_channel = output_channel, reversed_boc[i]
-            h = UpDecoderBlock2D(
+            h = _BLOCKS[self.up_block_types[i]](
                 in_channels=prev_output_channel,
                 out_channels=output_channel,
                 num_layers=self.layers_per_block + 1,
@@ -254,6 +301,8 @@ class Decoder(nn.Module):
                 resnet_act_fn=self.act_fn,
                 resnet_groups=self.norm_num_groups,
                 add_upsample=i < len(boc) - 1,
+                attention_head_dim=output_channel,
+                attention_chunk_size=self.attention_chunk_size,
                 dtype=dtype,
                 name=f"up_blocks_{i}",
             )(h, train)

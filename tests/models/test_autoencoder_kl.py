@@ -345,11 +345,11 @@ def test_bad_configs_raise_clear_errors():
         AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=8).init_weights(
             jax.random.key(0)
         )
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(ValueError, match=r"down_block_types \['DownBlock2D'\] are not supported"):
         AutoencoderKL(
             block_out_channels=(32,),
             norm_num_groups=8,
-            down_block_types=("AttnDownEncoderBlock2D",),
+            down_block_types=("DownBlock2D",),
         ).init_weights(jax.random.key(0))
     with pytest.raises(ValueError, match="norm_num_groups=32 must divide"):
         AutoencoderKL(block_out_channels=(48,)).init_weights(jax.random.key(0))
@@ -414,6 +414,39 @@ def test_live_parity_other_config_odd_sizes():
     rng = np.random.default_rng(5)
     x = rng.uniform(-1, 1, (1, 12, 20, 1)).astype(np.float32)
     z = rng.standard_normal((1, 5, 3, 3)).astype(np.float32)
+    want = _torch_run(tv, x, z)
+    post = _encode(model, params, x)
+    assert relative_l2(post.mean, want["mean"]) < TOL
+    assert relative_l2(post.logvar, want["logvar"]) < TOL
+    assert relative_l2(_decode(model, params, z), want["decoded"]) < TOL
+
+
+@requires_reference
+def test_live_parity_attention_encoder_decoder_blocks():
+    """AttnDownEncoderBlock2D / AttnUpDecoderBlock2D (self-attention after every ResNet block),
+    which diffusers' AutoencoderKL accepts and jaxdiff used to reject."""
+    import torch
+    from diffusers import AutoencoderKL as TorchAutoencoderKL
+
+    torch.manual_seed(0)
+    tv = TorchAutoencoderKL(
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D", "AttnUpDecoderBlock2D"),
+        layers_per_block=2,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=16,
+    ).eval()
+    with torch.no_grad():
+        for p in tv.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = AutoencoderKL.from_config(dict(tv.config))
+    params = model.params_from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
+    assert "attentions_1" in params["decoder"]["up_blocks_2"]
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, (2, 16, 12, 3)).astype(np.float32)
+    z = rng.standard_normal((2, 4, 3, 4)).astype(np.float32)
     want = _torch_run(tv, x, z)
     post = _encode(model, params, x)
     assert relative_l2(post.mean, want["mean"]) < TOL

@@ -301,6 +301,55 @@ LIVE = {
         in_channels=2,
         out_channels=1,
     ),
+    # ResnetDownsampleBlock2D / ResnetUpsampleBlock2D (ResNet resamplers as separate block
+    # types; jaxdiff used to reject them), two layers, adaptive group norm.
+    "resnet_sample_blocks": dict(
+        sample_size=8,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D"),
+        up_block_types=("ResnetUpsampleBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+        layers_per_block=2,
+        resnet_time_scale_shift="scale_shift",
+    ),
+    # NCSN++-style score-SDE UNet: FIR skip blocks with the 3-channel progressive input/output
+    # branches, Fourier features, attention with its fixed 32 groups and head_dim=None.
+    "ncsnpp_skip_blocks": dict(
+        sample_size=16,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("SkipUpBlock2D", "AttnSkipUpBlock2D", "SkipUpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=None,
+        layers_per_block=1,
+        time_embedding_type="fourier",
+        resnet_time_scale_shift="scale_shift",
+        mid_block_scale_factor=1.41421356,
+        center_input_sample=True,
+        norm_eps=1e-6,
+    ),
+    # Skip blocks mixed with plain ones, two layers (attention skip block first).
+    "mixed_skip_blocks": dict(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        down_block_types=("AttnSkipDownBlock2D", "DownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "SkipUpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        layers_per_block=2,
+    ),
+    # attention_head_dim not dividing the channels: diffusers builds channels // head_dim heads
+    # (inner width < channels); jaxdiff used to reject it.
+    "head_dim_not_dividing": dict(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=3,
+        layers_per_block=1,
+    ),
 }
 
 
@@ -334,6 +383,66 @@ def _live(config, batch=2, seed=0):
 def test_live_parity(name):
     *_, model, params, inputs, expected = _live(LIVE[name], batch=3)
     assert relative_l2(_run(model, params, inputs), expected) < TOL
+
+
+@requires_reference
+def test_fir_resampling_matches_diffusers():
+    import torch
+    from diffusers.models.downsampling import downsample_2d
+    from diffusers.models.upsampling import upsample_2d
+
+    from jaxdiff.models.layers import fir_downsample_2d, fir_upsample_2d
+
+    x = np.random.default_rng(0).standard_normal((2, 6, 10, 3)).astype(np.float32)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    for jax_fn, torch_fn in ((fir_upsample_2d, upsample_2d), (fir_downsample_2d, downsample_2d)):
+        want = torch_fn(xt, kernel=(1, 3, 3, 1)).numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(np.asarray(jax_fn(x)), want, atol=1e-6)
+
+
+def test_skip_blocks_need_three_channels():
+    kw = dict(
+        block_out_channels=(32, 32),
+        down_block_types=("SkipDownBlock2D", "DownBlock2D"),
+        up_block_types=("SkipUpBlock2D", "SkipUpBlock2D"),
+        norm_num_groups=8,
+    )
+    x = jnp.zeros((1, 8, 8, 1))
+    with pytest.raises(ValueError, match="Skip down blocks .* got in_channels=1"):
+        jax.eval_shape(lambda: UNet2DModel(in_channels=1, **kw).init(jax.random.key(0), x, 1))
+    x = jnp.zeros((1, 8, 8, 3))
+    with pytest.raises(ValueError, match="Skip up blocks .* got out_channels=2"):
+        jax.eval_shape(lambda: UNet2DModel(out_channels=2, **kw).init(jax.random.key(0), x, 1))
+    # At the last level a skip block does not resample and has no skip conv: any width works.
+    last_only = dict(
+        kw,
+        down_block_types=("DownBlock2D", "SkipDownBlock2D"),
+        up_block_types=("UpBlock2D", "SkipUpBlock2D"),
+    )
+    model = UNet2DModel(in_channels=1, out_channels=2, **last_only)
+    out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x[..., :1], 1))[0]
+    assert out.sample.shape == (1, 8, 8, 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (
+            dict(attention_head_dim=32),
+            r"attention_head_dim=32 must be between 1 and the block.s 16 channels",
+        ),
+        (
+            dict(mid_block_type="UNetMidBlock2DCrossAttn"),
+            r"mid_block_type .* 'UNetMidBlock2DCrossAttn'",
+        ),
+        (dict(class_embed_type="projection"), r"class_embed_type .* got 'projection'"),
+        (dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D")), "'CrossAttnDownBlock2D'"),
+    ],
+)
+def test_unsupported_configs_name_the_field(small_model, overrides, match):
+    model = small_model[0].clone(**overrides)
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), 1))
 
 
 @requires_reference
