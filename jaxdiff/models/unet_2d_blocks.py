@@ -48,6 +48,28 @@ def _heads(channels: int, attention_head_dim: int | None) -> tuple[int, int]:
     return channels // dim_head, dim_head
 
 
+def block_attention(
+    block: nn.Module, channels: int, attention_head_dim: int | None, groups, name: str
+) -> Attention:
+    """The residual self-attention of diffusers' UNet2D / VAE blocks, built from ``block``'s
+    ``output_scale_factor``, ``resnet_eps``, ``attention_chunk_size`` and ``dtype``."""
+    heads, dim_head = _heads(channels, attention_head_dim)
+    return Attention(
+        channels,
+        heads=heads,
+        dim_head=dim_head,
+        rescale_output_factor=block.output_scale_factor,
+        eps=block.resnet_eps,
+        norm_num_groups=groups,
+        residual_connection=True,
+        bias=True,
+        upcast_softmax=True,
+        attention_chunk_size=block.attention_chunk_size,
+        dtype=block.dtype,
+        name=name,
+    )
+
+
 class _BlockFields(nn.Module):
     """Fields every UNet2D block shares (diffusers' argument names)."""
 
@@ -83,21 +105,7 @@ class _BlockFields(nn.Module):
     def _attention(
         self, channels: int, attention_head_dim: int | None, groups, name: str
     ) -> Attention:
-        heads, dim_head = _heads(channels, attention_head_dim)
-        return Attention(
-            channels,
-            heads=heads,
-            dim_head=dim_head,
-            rescale_output_factor=self.output_scale_factor,
-            eps=self.resnet_eps,
-            norm_num_groups=groups,
-            residual_connection=True,
-            bias=True,
-            upcast_softmax=True,
-            attention_chunk_size=self.attention_chunk_size,
-            dtype=self.dtype,
-            name=name,
-        )
+        return block_attention(self, channels, attention_head_dim, groups, name)
 
 
 class DownBlock2D(_BlockFields):
@@ -255,6 +263,19 @@ class _UpFields(_BlockFields):
         running = self.prev_output_channel if i == 0 else self.out_channels
         return running + res_skip
 
+    def _skip_resnets(
+        self, hidden_states: Array, res_hidden_states_tuple, temb, train: bool, **kw
+    ) -> Array:
+        """``num_layers`` ResNet blocks, each on the concatenation [features, next skip]."""
+        self._check_skips(res_hidden_states_tuple)
+        for i in range(self.num_layers):
+            skip = res_hidden_states_tuple[-1 - i]
+            hidden_states = jnp.concatenate([hidden_states, skip.astype(hidden_states.dtype)], -1)
+            hidden_states = self._resnet(
+                self._resnet_in(i), self.out_channels, f"resnets_{i}", **kw
+            )(hidden_states, temb, train)
+        return hidden_states
+
     def _check_skips(self, res_hidden_states_tuple) -> None:
         if len(res_hidden_states_tuple) != self.num_layers:
             raise ValueError(
@@ -277,13 +298,7 @@ class UpBlock2D(_UpFields):
         upsample_size: tuple[int, int] | None = None,
         train: bool = False,
     ) -> Array:
-        self._check_skips(res_hidden_states_tuple)
-        for i in range(self.num_layers):
-            skip = res_hidden_states_tuple[-1 - i]
-            hidden_states = jnp.concatenate([hidden_states, skip.astype(hidden_states.dtype)], -1)
-            hidden_states = self._resnet(self._resnet_in(i), self.out_channels, f"resnets_{i}")(
-                hidden_states, temb, train
-            )
+        hidden_states = self._skip_resnets(hidden_states, res_hidden_states_tuple, temb, train)
         if self.add_upsample:
             hidden_states = Upsample2D(
                 self.out_channels,
@@ -387,16 +402,9 @@ class ResnetUpsampleBlock2D(_UpFields):
         upsample_size: tuple[int, int] | None = None,
         train: bool = False,
     ) -> Array:
-        self._check_skips(res_hidden_states_tuple)
-        for i in range(self.num_layers):
-            skip = res_hidden_states_tuple[-1 - i]
-            hidden_states = jnp.concatenate([hidden_states, skip.astype(hidden_states.dtype)], -1)
-            hidden_states = self._resnet(
-                self._resnet_in(i),
-                self.out_channels,
-                f"resnets_{i}",
-                skip_time_act=self.skip_time_act,
-            )(hidden_states, temb, train)
+        hidden_states = self._skip_resnets(
+            hidden_states, res_hidden_states_tuple, temb, train, skip_time_act=self.skip_time_act
+        )
         if self.add_upsample:
             # diffusers' ResnetBlock2D(up=True) always doubles; upsample_size is not used.
             hidden_states = self._resnet(

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.models.layers import (
-    Attention,
     Downsample2D,
     ResnetBlock2D,
     Upsample2D,
@@ -23,7 +22,7 @@ from jaxdiff.models.layers import (
     conv,
     group_norm,
 )
-from jaxdiff.models.unet_2d_blocks import UNetMidBlock2D
+from jaxdiff.models.unet_2d_blocks import UNetMidBlock2D, block_attention
 
 Array = jax.Array
 
@@ -73,21 +72,12 @@ class _VaeBlockFields(nn.Module):
                 name=f"resnets_{i}",
             )(hidden_states, None, train)
             if self.has_attention:
-                c = self.out_channels
-                dim_head = self.attention_head_dim or c
-                hidden_states = Attention(
-                    c,
-                    heads=c // dim_head,
-                    dim_head=dim_head,
-                    rescale_output_factor=self.output_scale_factor,
-                    eps=self.resnet_eps,
-                    norm_num_groups=self.resnet_groups,
-                    residual_connection=True,
-                    bias=True,
-                    upcast_softmax=True,
-                    attention_chunk_size=self.attention_chunk_size,
-                    dtype=self.dtype,
-                    name=f"attentions_{i}",
+                hidden_states = block_attention(
+                    self,
+                    self.out_channels,
+                    self.attention_head_dim,
+                    self.resnet_groups,
+                    f"attentions_{i}",
                 )(hidden_states, train=train)
         return hidden_states
 
