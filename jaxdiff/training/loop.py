@@ -225,8 +225,11 @@ def build_unet(config: TrainConfig):
     """The ``UNet2DModel`` of ``config`` (float32 module; the step clones it for bf16)."""
     from jaxdiff.models.unet_2d import UNet2DModel
 
-    if config.init_from is not None:
-        return load_init_unet(config.init_from)[0]
+    if config.init_from is not None:  # the architecture only: no weights are read
+        from jaxdiff.configuration import load_config
+
+        path = config.init_from
+        return UNet2DModel.from_config(load_config(path, subfolder=_unet_subfolder(path)))
 
     fields = {**MODEL_PRESETS[config.model], **(config.unet_config or {})}
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}

@@ -217,7 +217,7 @@ def test_export_loads_in_diffusers(runs):
 
 
 def test_init_from_a_trained_pipeline(runs, tmp_path):
-    from jaxdiff.training import TrainConfig, train
+    from jaxdiff.training import TrainConfig, build_unet, train
     from jaxdiff.training.loop import load_init_unet
 
     folder = runs["root"] / "a" / "pipeline"
@@ -239,7 +239,9 @@ def test_init_from_a_trained_pipeline(runs, tmp_path):
     for tree in (result.state.params, result.state.ema_params):
         for x, y in zip(_leaves(params), _leaves(tree), strict=True):
             np.testing.assert_allclose(y, x, rtol=0, atol=1e-9)
-    # the architecture is the pretrained one, not the "cats-32" preset
+    # the architecture is the pretrained one, not the "cats-32" preset; build_unet reads it
+    # from the config alone
+    assert build_unet(config) == unet
     saved = json.loads((result.pipeline_dir / "unet" / "config.json").read_text())
     assert saved["block_out_channels"] == [16, 32]
     assert json.loads((tmp_path / "ft" / "run.json").read_text())["init_from"] == str(folder)
