@@ -58,18 +58,17 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads every tensor of a safetensors file as a numpy array (memory-mapped, read-only).
+def _tensors(path: str) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
+    """The checked table of a file: ``name -> (dtype, shape, start, end)``, byte offsets from
+    the beginning of the file.
 
     Raises:
         SafetensorsError: the file is truncated, corrupt, or holds an unsupported dtype.
     """
-    path = os.fspath(path)
     header, start = read_header(path)
     size = os.path.getsize(path)
     header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r") if size > start else np.zeros(0, np.uint8)
-    out = {}
+    table = {}
     for name, info in header.items():
         try:
             dtype = _DTYPES[info["dtype"]]
@@ -86,8 +85,65 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 f"{path} is truncated or corrupt: tensor {name!r} ({info['dtype']} {list(shape)}) "
                 f"needs bytes {begin}..{end} of the data section, which has {size - start}"
             )
-        out[name] = data[start + begin : start + end].view(dtype).reshape(shape)
-    return out
+        table[name] = (dtype, shape, start + begin, start + end)
+    return table
+
+
+def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads every tensor of a safetensors file as a numpy array (memory-mapped, read-only).
+
+    Raises:
+        SafetensorsError: the file is truncated, corrupt, or holds an unsupported dtype.
+    """
+    path = os.fspath(path)
+    table = _tensors(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    return {
+        name: data[begin:end].view(dtype).reshape(shape)
+        for name, (dtype, shape, begin, end) in table.items()
+    }
+
+
+class LazyTensor:
+    """One tensor of a safetensors file, read from disk only when converted with
+    ``np.asarray`` (each time: nothing is cached). ``shape``, ``ndim`` and ``dtype`` need no
+    read. Loaders convert tensor by tensor, so a model's weights are never in memory twice (a
+    memory map keeps every page it has read resident until it is closed)."""
+
+    def __init__(self, path: str, dtype: np.dtype, shape: tuple[int, ...], offset: int):
+        self.path, self.dtype, self.shape, self.offset = path, dtype, shape, offset
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        count = int(np.prod(self.shape, dtype=np.int64))
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = np.fromfile(f, dtype=self.dtype, count=count)
+        if data.size != count:
+            raise SafetensorsError(f"{self.path} changed or was truncated while being read")
+        data = data.reshape(self.shape)
+        return data if dtype is None else data.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.path!r}, {self.dtype}, {list(self.shape)})"
+
+
+def open_file(path: str | os.PathLike) -> dict[str, LazyTensor]:
+    """Every tensor of a safetensors file as a :class:`LazyTensor` (the header is checked now,
+    the data is read on use).
+
+    Raises:
+        SafetensorsError: the file is truncated, corrupt, or holds an unsupported dtype.
+    """
+    path = os.fspath(path)
+    table = _tensors(path)
+    return {
+        name: LazyTensor(path, dtype, shape, begin)
+        for name, (dtype, shape, begin, _) in table.items()
+    }
 
 
 def save_file(

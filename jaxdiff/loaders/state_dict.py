@@ -59,6 +59,16 @@ def to_flax_layout(array: np.ndarray, layout: str) -> np.ndarray:
     return array
 
 
+def _flax_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...] | None:
+    """The shape :func:`to_flax_layout` gives an array of ``shape`` (None: wrong rank)."""
+    shape = tuple(shape)
+    if layout == "conv":
+        return (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else None
+    if layout == "linear":
+        return shape[::-1] if len(shape) == 2 else None
+    return shape
+
+
 def to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
     if layout == "conv":
         return np.transpose(array, (3, 2, 0, 1))  # HWIO -> OIHW
@@ -85,15 +95,18 @@ def torch_to_flax(
     rename: Rename | None = None,
     ignore_unexpected: Callable[[str], bool] | None = None,
     model_name: str = "model",
+    convert: Callable[[np.ndarray], Any] | None = None,
 ) -> dict:
     """Converts a PyTorch state dict into a Flax params tree of exactly ``param_shapes``.
 
     Args:
-        state_dict: PyTorch key -> array (any float dtype; cast later by the caller).
+        state_dict: PyTorch key -> array, or anything ``np.asarray`` reads (any dtype).
         param_shapes: the target tree, e.g. from ``jax.eval_shape(model.init, ...)["params"]``.
         list_names: module-list attributes whose ``_<i>`` suffix is an index.
         rename: applied to each generated PyTorch key (legacy names).
         ignore_unexpected: predicate for PyTorch keys that are known buffers, not weights.
+        convert: applied to each array in Flax layout as soon as it is read (e.g. a cast to the
+            compute dtype on the device), so the source is never held twice.
 
     Raises:
         WeightLoadError: listing every missing key, unexpected key and shape mismatch at once.
@@ -105,15 +118,15 @@ def torch_to_flax(
         if key not in state_dict:
             missing.append(key)
             continue
-        value = to_flax_layout(np.asarray(state_dict[key]), layout)
         want = tuple(flat_shapes[path].shape)
-        if value.shape != want:
+        if _flax_shape(np.shape(state_dict[key]), layout) != want:
             torch_want = to_torch_layout(np.empty(want, dtype=np.uint8), layout).shape
             mismatched.append(
                 f"{key}: file has {list(state_dict[key].shape)}, model expects {list(torch_want)}"
             )
             continue
-        out[path] = value
+        value = to_flax_layout(np.asarray(state_dict[key]), layout)
+        out[path] = convert(value) if convert is not None else value
     used = {key for key, _ in table.values()}
     unexpected = [
         k for k in state_dict if k not in used and not (ignore_unexpected and ignore_unexpected(k))

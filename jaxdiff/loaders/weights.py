@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from jaxdiff import hub
-from jaxdiff.loaders.safetensors_io import load_file
+from jaxdiff.loaders.safetensors_io import open_file
 
 
 def _add_variant(filename: str, variant: str | None) -> str:
@@ -83,11 +83,13 @@ def find_weight_files(
 
 
 def read_state_dict(files: list[str], allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Merges the tensors of all files (shards) into one dict of numpy arrays."""
+    """Merges the tensors of all files (shards) into one dict. safetensors tensors come as
+    :class:`~jaxdiff.loaders.safetensors_io.LazyTensor` (read when ``np.asarray`` converts
+    them), pickled ones as numpy arrays."""
     state: dict[str, np.ndarray] = {}
     for path in files:
         if path.endswith(".safetensors"):
-            part = load_file(path)
+            part = open_file(path)
         elif allow_pickle:
             part = _torch_load(path)
         else:

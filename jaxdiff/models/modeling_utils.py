@@ -86,16 +86,20 @@ class FlaxModelMixin(ModelConfigMixin):
 
     def params_from_state_dict(self, state_dict: dict[str, np.ndarray]) -> dict:
         """PyTorch-layout weights -> params of this module (strict; see ``WeightLoadError``)."""
-        params = sd.torch_to_flax(
+        dtype = jnp.dtype(self.dtype)
+
+        def convert(x: np.ndarray) -> jax.Array:  # one tensor at a time: never two copies
+            return jnp.asarray(x, dtype if jnp.issubdtype(x.dtype, jnp.floating) else None)
+
+        return sd.torch_to_flax(
             self._normalize_state_dict(dict(state_dict)),
             self.param_shapes(),
             self._list_names,
             type(self)._torch_rename,
             self._ignore_unexpected,
             model_name=f"{type(self).__name__} (its config)",
+            convert=convert,
         )
-        dtype = self.dtype if jnp.dtype(self.dtype) != jnp.float32 else jnp.float32
-        return cast_floating(params, dtype)
 
     def state_dict(self, params: dict) -> dict[str, np.ndarray]:
         """Params -> PyTorch key names and layouts (numpy arrays)."""

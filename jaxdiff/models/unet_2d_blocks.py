@@ -216,7 +216,6 @@ class UNetMidBlock2D(nn.Module):
         attn_groups = self.attn_groups
         if attn_groups is None:
             attn_groups = groups if self.resnet_time_scale_shift == "default" else None
-        heads, dim_head = _heads(c, self.attention_head_dim)
 
         def resnet(i: int) -> ResnetBlock2D:
             return ResnetBlock2D(
@@ -236,19 +235,8 @@ class UNetMidBlock2D(nn.Module):
         hidden_states = resnet(0)(hidden_states, temb, train)
         for i in range(self.num_layers):
             if self.add_attention:
-                hidden_states = Attention(
-                    c,
-                    heads=heads,
-                    dim_head=dim_head,
-                    rescale_output_factor=self.output_scale_factor,
-                    eps=self.resnet_eps,
-                    norm_num_groups=attn_groups,
-                    residual_connection=True,
-                    bias=True,
-                    upcast_softmax=True,
-                    attention_chunk_size=self.attention_chunk_size,
-                    dtype=self.dtype,
-                    name=f"attentions_{i}",
+                hidden_states = block_attention(
+                    self, c, self.attention_head_dim, attn_groups, f"attentions_{i}"
                 )(hidden_states, train=train)
             hidden_states = resnet(i + 1)(hidden_states, temb, train)
         return hidden_states

@@ -80,6 +80,38 @@ def test_every_problem_is_reported_together():
     assert "conv_in.weight: file has [4, 2, 5, 5], model expects [4, 2, 3, 3]" in msg
 
 
+def test_wrong_rank_is_a_shape_mismatch_and_convert_sees_flax_layout():
+    torch_sd = {
+        "conv_in.weight": np.zeros((4, 18)),  # a conv kernel flattened to 2-D
+        "conv_in.bias": np.zeros(4),
+        "down_blocks.0.resnets.1.norm1.weight": np.zeros(4),
+        "down_blocks.0.resnets.1.norm1.bias": np.zeros(4),
+        "time_embedding.linear_1.weight": np.zeros((8, 4)),
+        "time_embedding.linear_1.bias": np.zeros(8),
+    }
+    with pytest.raises(sd.WeightLoadError, match=r"conv_in.weight: file has \[4, 18\], model "):
+        sd.torch_to_flax(torch_sd, _shapes(PARAMS), LIST_NAMES)
+    torch_sd["conv_in.weight"] = np.arange(72.0).reshape(4, 2, 3, 3)
+    seen = []
+
+    def convert(a):
+        seen.append(a.shape)
+        return a.astype(np.float16)
+
+    params = sd.torch_to_flax(torch_sd, _shapes(PARAMS), LIST_NAMES, convert=convert)
+    assert sorted(seen) == sorted(np.shape(v) for v in jax_leaves(PARAMS))
+    assert params["conv_in"]["kernel"].dtype == np.float16
+    np.testing.assert_array_equal(
+        params["conv_in"]["kernel"], torch_sd["conv_in.weight"].transpose(2, 3, 1, 0)
+    )
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
+
+
 def _write(path, tensors):
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path)
@@ -131,3 +163,45 @@ def test_pickle_needs_the_flag(tmp_path):
     (tmp_path / "model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="allow_pickle=True"):
         read_state_dict([str(tmp_path / "model.bin")])
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def test_from_pretrained_never_holds_the_weights_twice(tmp_path):
+    """The weights are read tensor by tensor into their device arrays: the peak RSS of a load
+    grows by about the weights' size, not twice it (a memory map of the whole file, converted
+    all at once, kept every page resident next to the converted params)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (Linux >= 4.0)
+            f.write("5")
+    except OSError:
+        pytest.skip("needs Linux /proc/self/clear_refs to measure the peak RSS")
+    import jax
+
+    from jaxdiff import UNet2DModel
+
+    model = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(384, 768),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    shapes = model.param_shapes()
+    params = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, np.float32), shapes)
+    model.save_pretrained(tmp_path, params)
+    size_kib = sum(a.nbytes for a in jax.tree_util.tree_leaves(params)) // 1024
+    assert size_kib > 200 * 1024  # large enough to stand out of the allocator's noise
+    del params
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_kib("VmRSS")
+    _, loaded = UNet2DModel.from_pretrained(tmp_path)
+    jax.block_until_ready(loaded)
+    grew = _rss_kib("VmHWM") - before
+    print(f"peak RSS grew {grew} KiB for {size_kib} KiB of weights")
+    assert grew < 1.4 * size_kib, (grew, size_kib)
+    assert float(loaded["conv_in"]["kernel"][0, 0, 0, 0]) == 0.5

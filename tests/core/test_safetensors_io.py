@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxdiff.loaders.safetensors_io import SafetensorsError, load_file, save_file
+from jaxdiff.loaders.safetensors_io import (
+    LazyTensor,
+    SafetensorsError,
+    load_file,
+    open_file,
+    save_file,
+)
 
 
 def test_round_trip_with_the_safetensors_library(tmp_path):
@@ -38,13 +44,42 @@ def test_bfloat16(tmp_path):
     np.testing.assert_array_equal(y.astype(np.float32), x.astype(np.float32))
 
 
-def test_truncated_file_is_named(tmp_path):
+def test_open_file_reads_each_tensor_lazily(tmp_path):
+    rng = np.random.default_rng(1)
+    tensors = {
+        "conv.weight": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "half": rng.standard_normal(5).astype(np.float16),
+        "bf": np.linspace(-1, 1, 6).astype(ml_dtypes.bfloat16).reshape(2, 3),
+        "ids": np.arange(4, dtype=np.int64),
+        "empty": np.zeros((0, 2), np.float32),
+    }
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, path)
+    lazy = open_file(path)
+    assert lazy.keys() == tensors.keys()
+    for k, v in tensors.items():
+        t = lazy[k]
+        assert isinstance(t, LazyTensor)
+        assert (t.shape, t.ndim, t.dtype) == (v.shape, v.ndim, v.dtype)
+        assert np.shape(t) == v.shape and np.ndim(t) == v.ndim
+        got = np.asarray(t)
+        assert got.dtype == v.dtype
+        np.testing.assert_array_equal(got, v)
+    np.testing.assert_array_equal(np.asarray(lazy["half"], np.float32), tensors["half"])
+    # The data is read on use: a file cut after opening is still reported by name.
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(SafetensorsError, match=r"x.safetensors changed or was truncated"):
+        np.asarray(lazy["conv.weight"])
+
+
+@pytest.mark.parametrize("read", [load_file, open_file])
+def test_truncated_file_is_named(tmp_path, read):
     path = tmp_path / "t.safetensors"
     save_file({"w": np.ones((64, 64), np.float32)}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 100])
     with pytest.raises(SafetensorsError, match=r"t.safetensors is truncated or corrupt.*'w'"):
-        load_file(path)
+        read(path)
 
 
 def test_corrupt_header_is_named(tmp_path):

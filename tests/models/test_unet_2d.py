@@ -350,6 +350,18 @@ LIVE = {
         attention_head_dim=3,
         layers_per_block=1,
     ),
+    # add_attention=False: the mid block builds no attention, so diffusers never checks
+    # attention_head_dim against its channels (jaxdiff used to reject 64 > 16 here).
+    "mid_block_without_attention": dict(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=64,
+        add_attention=False,
+        layers_per_block=1,
+    ),
 }
 
 

@@ -82,7 +82,9 @@ def build(cfg: dict, seed: int):
             elif key.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
             else:
-                p.add_(0.3 * float(p.std()) * torch.randn_like(p))
+                # std() of a 1-element tensor is NaN (Bessel's correction): use |p| there.
+                scale = float(p.std()) if p.numel() > 1 else float(p.abs().mean())
+                p.add_(0.3 * scale * torch.randn_like(p))
     return model
 
 
