@@ -164,6 +164,12 @@ class CLIPAttention(nn.Module):
         out = jax.nn.dot_product_attention(
             q, k, v, mask=key_mask, scale=head_dim**-0.5, is_causal=True
         )
+        if key_mask is not None:
+            # A query whose keys j <= i are all padding (left padding) gets a zero output, as
+            # in transformers' default sdpa attention; a softmax over all-masked logits would
+            # average every value (transformers' eager attention does that instead).
+            has_key = jnp.cumsum(key_mask[:, 0, 0, :], axis=-1) > 0  # (batch, seq)
+            out = jnp.where(has_key[:, :, None, None], out, jnp.zeros((), out.dtype))
         out = out.reshape(batch, seq, self.hidden_size)
         return _dense(self.hidden_size, self.out_std, self.dtype, "out_proj")(out)
 
@@ -360,8 +366,9 @@ class CLIPTextModel(FlaxModelMixin, nn.Module):
             end-of-text token 49407 is the largest id; also when it is None), otherwise at the
             first position whose id equals ``eos_token_id`` (position 0 if there is none), as
             in transformers. Query rows that may attend to no key at all (left padding with an
-            ``attention_mask``) attend uniformly to every key, as transformers' eager attention
-            does; they are padding positions.
+            ``attention_mask``) get a zero attention output, as with transformers' default
+            ``sdpa`` attention (its ``eager`` attention averages every value there instead);
+            they are padding positions.
         """
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:

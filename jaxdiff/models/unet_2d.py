@@ -50,8 +50,13 @@ class UNet2DOutput:
     sample: Array
 
 
-def check_unet_inputs(sample: Array, timesteps: Array, in_channels: int, num_blocks: int) -> None:
+def check_unet_inputs(
+    sample: Array, timesteps: Array, in_channels: int, num_blocks: int, any_size: bool = False
+) -> None:
     """Validates a UNet's NHWC ``sample`` and its ``timesteps`` (at trace time: shapes are static).
+
+    ``any_size`` skips the check that H and W are multiples of ``2 ** (num_blocks - 1)`` (for
+    UNets that resize on the way up, as diffusers' ``UNet2DConditionModel`` does).
 
     Raises:
         ValueError: naming the argument and the expected shape.
@@ -68,7 +73,7 @@ def check_unet_inputs(sample: Array, timesteps: Array, in_channels: int, num_blo
             f"in_channels={in_channels}; got shape {sample.shape}"
         )
     factor = 2 ** (num_blocks - 1)
-    if h % factor or w % factor:
+    if not any_size and (h % factor or w % factor):
         raise ValueError(
             f"sample height and width must be multiples of {factor} "
             f"(2 ** (len(block_out_channels) - 1)), got {h}x{w}"

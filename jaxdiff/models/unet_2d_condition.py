@@ -279,7 +279,8 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
     # Input validation (at trace time: shapes are static)
 
     def _check_inputs(self, sample: Array, timesteps: Array, context: Array) -> None:
-        check_unet_inputs(sample, timesteps, self.in_channels, len(self.block_out_channels))
+        n = len(self.block_out_channels)
+        check_unet_inputs(sample, timesteps, self.in_channels, n, any_size=True)
         b = sample.shape[0]
         if context.ndim != 3:
             raise ValueError(
@@ -313,12 +314,14 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
         """Predicts the model output for a batch of noisy latents.
 
         Args:
-            sample: NHWC ``(B, H, W, in_channels)``; H and W multiples of
-                ``2 ** (len(block_out_channels) - 1)``.
+            sample: NHWC ``(B, H, W, in_channels)``, any H and W (sizes that are not
+                multiples of ``2 ** (len(block_out_channels) - 1)`` are upsampled to the skips'
+                sizes, as in diffusers).
             timesteps: scalar, ``(1,)`` or ``(B,)`` (integer or float).
             encoder_hidden_states: ``(B, S, cross_attention_dim)``, e.g. the CLIP text
                 encoder's ``last_hidden_state``.
-            encoder_attention_mask: optional ``(B, S)``, 1/True for context tokens to attend to.
+            encoder_attention_mask: optional ``(B, S)``, 1/True for context tokens to attend to
+                (a row with none attends to all, as in diffusers).
             timestep_cond: ``(B, time_cond_proj_dim)`` (LCM's guidance embedding), only with
                 ``time_cond_proj_dim``.
             class_labels: ``(B,)`` integer labels, only with ``num_class_embeds``.
@@ -344,6 +347,9 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
                     f"{context.shape[:2]}, got {mask.shape}"
                 )
             mask = mask.astype(bool)
+            # diffusers masks with a -10000 bias, which shifts every logit of a row that masks
+            # all its tokens equally: such a row attends to all of them, unmasked.
+            mask = mask | ~mask.any(axis=-1, keepdims=True)
         context = context.astype(dtype)
 
         if self.center_input_sample:
@@ -487,7 +493,11 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
                 name="mid_block",
             )(h, emb, train)
 
-        # 4. up path (skips consumed last-first)
+        # 4. up path (skips consumed last-first). When H or W is not a multiple of the overall
+        # factor 2 ** (n - 1), the stride-2 convs rounded up on the way down: as in diffusers
+        # (forward_upsample_size), each upsampler then resizes to its next skip's size.
+        factor = 2 ** (n_blocks - 1)
+        forward_upsample_size = sample.shape[1] % factor != 0 or sample.shape[2] % factor != 0
         reversed_boc = boc[::-1]
         output_channel = reversed_boc[0]
         for i, block_type in enumerate(self.up_block_types):
@@ -495,6 +505,9 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
             input_channel = reversed_boc[min(i + 1, n_blocks - 1)]
             num_layers = int(layers[n_blocks - 1 - i]) + 1
             res, skips = skips[-num_layers:], skips[:-num_layers]
+            upsample_size = None
+            if i < n_blocks - 1 and forward_upsample_size:
+                upsample_size = tuple(skips[-1].shape[1:3])
             kw = dict(
                 in_channels=input_channel,
                 out_channels=output_channel,
@@ -508,9 +521,9 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
                 block = CrossAttnUpBlock2D(
                     transformer_layers_per_block=rev_tlayers[i], **attn_kwargs(i, True), **kw
                 )
-                h = block(h, res, emb, context, mask, train=train)
+                h = block(h, res, emb, context, mask, upsample_size, train=train)
             else:
-                h = UpBlock2D(**kw)(h, res, emb, train=train)
+                h = UpBlock2D(**kw)(h, res, emb, upsample_size, train=train)
 
         # 5. out
         h = apply_norm(group_norm(self.norm_num_groups, self.norm_eps, "conv_norm_out"), h, dtype)

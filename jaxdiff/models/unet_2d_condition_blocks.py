@@ -22,13 +22,18 @@ Array = jax.Array
 
 
 def _per_layer(value: int | Sequence[int], num_layers: int, name: str) -> tuple[int, ...]:
-    """``transformer_layers_per_block`` as one int per layer."""
+    """``transformer_layers_per_block`` as one int per layer.
+
+    A longer list is cut to its first ``num_layers`` entries, since diffusers indexes it by
+    layer: an asymmetric UNet (nested ``transformer_layers_per_block``, e.g. SSD-1B) gives
+    the one-layer mid block the last level's per-layer list, of which diffusers uses entry 0.
+    """
     if isinstance(value, int):
         return (value,) * num_layers
     value = tuple(int(v) for v in value)
-    if len(value) != num_layers:
+    if len(value) < num_layers:
         raise ValueError(f"{name} has {len(value)} entries, expected one per layer ({num_layers})")
-    return value
+    return value[:num_layers]
 
 
 class _CrossAttnFields(nn.Module):

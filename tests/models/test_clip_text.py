@@ -210,6 +210,55 @@ def test_import_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@requires_reference
+def test_live_parity_left_padding():
+    """Left padding with an ``attention_mask``: the leading padding queries have no key to
+    attend to; transformers' default (sdpa) attention gives them a zero attention output, and
+    with pad == EOS (the SD 1.x tokenizer) the pooled token is one of them. jaxdiff averaged
+    every value there (eager attention's result)."""
+    import torch
+    import transformers
+
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        bos_token_id=62,
+        eos_token_id=63,
+        pad_token_id=63,
+    )
+    torch.manual_seed(0)
+    ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg)).eval()
+    assert ref.config._attn_implementation == "sdpa"  # transformers' default
+    with torch.no_grad():
+        for p in ref.parameters():  # not the small init: 1-D perturbed, matrices x3
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape))
+            else:
+                p.mul_(3.0)
+    ids = np.array([[63, 63, 62, 5, 9, 63], [62, 7, 8, 9, 10, 63]])
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        want = ref(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            output_hidden_states=True,
+        )
+    model = CLIPTextModel.from_config(cfg)
+    params = model.params_from_state_dict({k: v.numpy() for k, v in ref.state_dict().items()})
+    out = _run(model, params, ids, mask)
+    pairs = [
+        (out.last_hidden_state, want.last_hidden_state),
+        (out.pooler_output, want.pooler_output),
+    ]
+    pairs += list(zip(out.hidden_states, want.hidden_states, strict=True))
+    for got, exp in pairs:
+        assert relative_l2(got, exp.numpy()) < RTOL_FP32
+
+
 # ---------------------------------------------------------------- live parity, real SD configs
 
 SD15_TEXT = dict(  # runwayml/stable-diffusion-v1-5 text_encoder/config.json (openai ViT-L/14)
