@@ -51,30 +51,26 @@ def torch_key(
     return (rename(key) if rename else key), layout
 
 
+# Flax layout = np.transpose(PyTorch layout, axes): OIHW -> HWIO, (out, in) -> (in, out).
+_TO_FLAX_AXES = {"conv": (2, 3, 1, 0), "linear": (1, 0)}
+
+
 def to_flax_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "conv":
-        return np.transpose(array, (2, 3, 1, 0))  # OIHW -> HWIO
-    if layout == "linear":
-        return np.transpose(array)  # (out, in) -> (in, out)
-    return array
+    axes = _TO_FLAX_AXES.get(layout)
+    return array if axes is None else np.transpose(array, axes)
 
 
 def _flax_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...] | None:
     """The shape :func:`to_flax_layout` gives an array of ``shape`` (None: wrong rank)."""
-    shape = tuple(shape)
-    if layout == "conv":
-        return (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else None
-    if layout == "linear":
-        return shape[::-1] if len(shape) == 2 else None
-    return shape
+    axes = _TO_FLAX_AXES.get(layout)
+    if axes is None:
+        return tuple(shape)
+    return tuple(shape[a] for a in axes) if len(shape) == len(axes) else None
 
 
 def to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "conv":
-        return np.transpose(array, (3, 2, 0, 1))  # HWIO -> OIHW
-    if layout == "linear":
-        return np.transpose(array)
-    return array
+    axes = _TO_FLAX_AXES.get(layout)
+    return array if axes is None else np.transpose(array, np.argsort(axes))
 
 
 def key_table(

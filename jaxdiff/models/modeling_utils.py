@@ -40,14 +40,14 @@ def check_dtype(dtype: Any, name: str = "dtype") -> jnp.dtype:
     return dt
 
 
+def _cast_floating_leaf(x: Any, dtype: Any) -> Any:
+    """``x`` as a ``dtype`` array if it is floating; other leaves are left alone."""
+    return jnp.asarray(x, dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
+
+
 def cast_floating(tree: Any, dtype: Any) -> Any:
     """Casts every floating leaf of a pytree to ``dtype`` (integer leaves are left alone)."""
-    return jax.tree_util.tree_map(
-        lambda x: (
-            jnp.asarray(x, dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x
-        ),
-        tree,
-    )
+    return jax.tree_util.tree_map(lambda x: _cast_floating_leaf(x, dtype), tree)
 
 
 class FlaxModelMixin(ModelConfigMixin):
@@ -87,10 +87,6 @@ class FlaxModelMixin(ModelConfigMixin):
     def params_from_state_dict(self, state_dict: dict[str, np.ndarray]) -> dict:
         """PyTorch-layout weights -> params of this module (strict; see ``WeightLoadError``)."""
         dtype = jnp.dtype(self.dtype)
-
-        def convert(x: np.ndarray) -> jax.Array:  # one tensor at a time: never two copies
-            return jnp.asarray(x, dtype if jnp.issubdtype(x.dtype, jnp.floating) else None)
-
         return sd.torch_to_flax(
             self._normalize_state_dict(dict(state_dict)),
             self.param_shapes(),
@@ -98,7 +94,8 @@ class FlaxModelMixin(ModelConfigMixin):
             type(self)._torch_rename,
             self._ignore_unexpected,
             model_name=f"{type(self).__name__} (its config)",
-            convert=convert,
+            # one tensor at a time, straight to the device: the weights are never held twice
+            convert=lambda x: _cast_floating_leaf(x, dtype),
         )
 
     def state_dict(self, params: dict) -> dict[str, np.ndarray]:

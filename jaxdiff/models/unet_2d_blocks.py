@@ -102,11 +102,6 @@ class _BlockFields(nn.Module):
             **kw,
         )
 
-    def _attention(
-        self, channels: int, attention_head_dim: int | None, groups, name: str
-    ) -> Attention:
-        return block_attention(self, channels, attention_head_dim, groups, name)
-
 
 class DownBlock2D(_BlockFields):
     """``num_layers`` ResNet blocks, then a stride-2 conv (``add_downsample``)."""
@@ -155,8 +150,12 @@ class AttnDownBlock2D(_BlockFields):
             hidden_states = self._resnet(in_ch, self.out_channels, f"resnets_{i}")(
                 hidden_states, temb, train
             )
-            hidden_states = self._attention(
-                self.out_channels, self.attention_head_dim, self.resnet_groups, f"attentions_{i}"
+            hidden_states = block_attention(
+                self,
+                self.out_channels,
+                self.attention_head_dim,
+                self.resnet_groups,
+                f"attentions_{i}",
             )(hidden_states, train=train)
             output_states += (hidden_states,)
         if self.downsample_type == "conv":
@@ -324,8 +323,12 @@ class AttnUpBlock2D(_UpFields):
             hidden_states = self._resnet(self._resnet_in(i), self.out_channels, f"resnets_{i}")(
                 hidden_states, temb, train
             )
-            hidden_states = self._attention(
-                self.out_channels, self.attention_head_dim, self.resnet_groups, f"attentions_{i}"
+            hidden_states = block_attention(
+                self,
+                self.out_channels,
+                self.attention_head_dim,
+                self.resnet_groups,
+                f"attentions_{i}",
             )(hidden_states, train=train)
         if self.upsample_type == "conv":
             hidden_states = Upsample2D(
@@ -466,8 +469,8 @@ class SkipDownBlock2D(_SkipFields):
                 hidden_states, temb, train
             )
             if self.has_attention:
-                hidden_states = self._attention(
-                    self.out_channels, self.attention_head_dim, 32, f"attentions_{i}"
+                hidden_states = block_attention(
+                    self, self.out_channels, self.attention_head_dim, 32, f"attentions_{i}"
                 )(hidden_states, train=train)
             output_states += (hidden_states,)
         if self.add_downsample:
@@ -530,8 +533,8 @@ class SkipUpBlock2D(_SkipFields, _UpFields):
                 self._resnet_in(i), self._resnet_groups(i), f"resnets_{i}"
             )(hidden_states, temb, train)
         if self.has_attention:
-            hidden_states = self._attention(
-                self.out_channels, self.attention_head_dim, 32, "attentions_0"
+            hidden_states = block_attention(
+                self, self.out_channels, self.attention_head_dim, 32, "attentions_0"
             )(hidden_states, train=train)
         if skip_sample is not None:
             skip_sample = fir_upsample_2d(skip_sample)
