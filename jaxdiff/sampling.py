@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxdiff.utils.xla import compiler_options
+
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -238,6 +240,23 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
+def pmap_program(
+    cache: dict, key: Any, make_fn: Callable[[], Callable], in_axes: Any, *args: Any
+) -> Any:
+    """``jax.pmap(make_fn(), in_axes)`` compiled for ``args`` with :func:`compiler_options`,
+    cached in ``cache`` under ``key`` and the arguments' tree and abstract values.
+
+    ``jax.pmap`` caches per function object and takes no compiler options; a pipeline that
+    builds its per-device function at each call would recompile at each call.
+    """
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    signature = (key, tree, tuple(jax.typeof(x) for x in leaves))
+    if signature not in cache:
+        lowered = jax.pmap(make_fn(), in_axes=in_axes).lower(*args)
+        cache[signature] = lowered.compile(compiler_options=compiler_options() or None)
+    return cache[signature]
+
+
 def pmap_denoise(
     model_fn_builder: Callable[[Any], ModelFn],
     scheduler: Any,
@@ -247,6 +266,8 @@ def pmap_denoise(
     keys: jax.Array,
     *,
     step_kwargs: dict[str, Any] | None = None,
+    cache: dict | None = None,
+    cache_key: Any = None,
 ) -> jax.Array:
     """The ``pmap`` path: splits the batch over the local devices, one scan per device.
 
@@ -255,6 +276,8 @@ def pmap_denoise(
         state: a state built for the *per-device* sample shape.
         x_T: the full batch; its size must divide by the number of local devices.
         keys: one key per image, as for :func:`denoise`, so results equal the jit path's.
+        cache, cache_key: where the compiled program is kept (:func:`pmap_program`); the key
+            must identify ``model_fn_builder`` and ``scheduler``. Default: compile anew.
     """
     n = jax.local_device_count()
     if x_T.shape[0] % n:
@@ -266,10 +289,14 @@ def pmap_denoise(
     def split(a):
         return a.reshape((n, a.shape[0] // n) + a.shape[1:])
 
-    def per_device(params, x, k, state, step_kwargs):
-        return denoise(model_fn_builder(params), scheduler, state, x, k, step_kwargs=step_kwargs)
+    def make_fn():
+        def per_device(params, x, k, state, step_kwargs):
+            model_fn = model_fn_builder(params)
+            return denoise(model_fn, scheduler, state, x, k, step_kwargs=step_kwargs)
 
-    out = jax.pmap(per_device, in_axes=(None, 0, 0, None, None))(
-        params, split(x_T), split(keys), state, step_kwargs or {}
-    )
-    return out.reshape(x_T.shape)
+        return per_device
+
+    args = (params, split(x_T), split(keys), state, step_kwargs or {})
+    cache = {} if cache is None else cache
+    out = pmap_program(cache, ("pmap_denoise", cache_key), make_fn, (None, 0, 0, None, None), *args)
+    return out(*args).reshape(x_T.shape)

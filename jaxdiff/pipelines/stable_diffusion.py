@@ -607,16 +607,20 @@ class StableDiffusionPipeline(DiffusionPipeline):
         spec_dev = _Spec(**{**spec.__dict__, "shape": (per_dev,) + spec.shape[1:]})
         state, more = self._state(steps, spec_dev.shape, begin, spec.traced_steps)
         scalars = {**scalars, **more}
-        run = self._run_fn(spec_dev)
 
         def split(a):
             a = jnp.asarray(a)
             return a.reshape((n, a.shape[0] // n) + a.shape[1:])
 
-        batch = {k: split(v) for k, v in per_image.items()}
-        out = jax.pmap(lambda p, b, s, st: run(p, b, s, st, None), in_axes=(None, 0, None, None))(
-            params, batch, scalars, state
-        )
+        def make_fn():
+            run = self._run_fn(spec_dev)
+            return lambda p, b, s, st: run(p, b, s, st, None)
+
+        args = (params, {k: split(v) for k, v in per_image.items()}, scalars, state)
+        key = ("sd-pmap", id(self.unet), id(self.vae), id(self.text_encoder))
+        key += (id(self.scheduler), spec_dev)
+        program = sampling.pmap_program(self._jit_cache, key, make_fn, (None, 0, None, None), *args)
+        out = program(*args)
         return out.reshape((-1,) + out.shape[2:])
 
     def _prepare_depth(self, depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:

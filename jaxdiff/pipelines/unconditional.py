@@ -174,7 +174,15 @@ class UnconditionalPipeline(DiffusionPipeline):
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
         x_T = sampling.per_image_normal(init_keys, shape) * state.init_noise_sigma
         x_0 = sampling.pmap_denoise(
-            builder, self.scheduler, state, params, x_T, step_keys, step_kwargs=step_kwargs
+            builder,
+            self.scheduler,
+            state,
+            params,
+            x_T,
+            step_keys,
+            step_kwargs=step_kwargs,
+            cache=self._jit_cache,
+            cache_key=(id(self.unet), id(self.scheduler)),
         )
         return jnp.clip(x_0.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 

@@ -14,8 +14,9 @@ To get the same for your own jitted code::
     jax.jit(fn, compiler_options=jaxdiff.compiler_options())
 
 Your own choice wins: if ``XLA_FLAGS`` sets ``--xla_cpu_experimental_ynn_fusion_type``,
-:func:`compiler_options` returns ``{}``. Off the CPU it returns ``{}`` too. The ``pmap``
-paths take no compiler options (``jax.pmap`` has none), so they keep XLA's defaults.
+:func:`compiler_options` returns ``{}``. Off the CPU it returns ``{}`` too. ``jax.pmap`` takes
+no compiler options: the ``pmap`` paths lower their program and pass the options to
+``compile`` (:func:`jaxdiff.sampling.pmap_program`).
 """
 
 from __future__ import annotations

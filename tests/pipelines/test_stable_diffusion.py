@@ -25,6 +25,7 @@ from jaxdiff.pipelines.stable_diffusion import (
     torch_bicubic_matrix,
 )
 from jaxdiff.schedulers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+from tests.compile_events import RECORD_COMPILES
 from tests.reference_io import load_case, reference_dir
 
 COMPONENT = "pipelines_stable_diffusion"
@@ -356,7 +357,7 @@ def test_bad_input_errors(pipe, sd_dir):
 
 
 # ------------------------------------------------------------------ devices
-_MULTI = textwrap.dedent(
+_MULTI = RECORD_COMPILES + textwrap.dedent(
     """
     import sys, warnings
     import numpy as np
@@ -368,7 +369,11 @@ _MULTI = textwrap.dedent(
     kw = dict(num_inference_steps=2, output_type="np", progress=False, seed=0)
     out = {"jit3": pipe(["a", "b", "c"], **kw).images,
            "jit8": pipe(["a", "b", "c", "d"], num_images_per_prompt=2, **kw).images}
-    out["pmap8"] = pipe(["a", "b", "c", "d"], num_images_per_prompt=2, use_pmap=True, **kw).images
+    for name in ("pmap8", "pmap8_again"):
+        compiles.clear()
+        out[name] = pipe(["a", "b", "c", "d"], num_images_per_prompt=2, use_pmap=True,
+                         **kw).images
+    assert not compiles, f"the second pmap call compiled again: {compiles}"
     np.savez(sys.argv[2], **out)
     """
 )
@@ -398,6 +403,8 @@ def test_eight_devices_equal_one_device(sd_dir, tmp_path):
     # only XLA's per-shape kernels differ, at float32 round-off.
     for k in ("jit3", "jit8", "pmap8"):
         np.testing.assert_allclose(eight[k], one[k], atol=1e-4, err_msg=k)
+    for out in (one, eight):  # the script asserts that the second pmap call compiled nothing
+        np.testing.assert_array_equal(out["pmap8_again"], out["pmap8"])
     np.testing.assert_allclose(one["pmap8"], one["jit8"], atol=1e-4)
 
 

@@ -20,6 +20,7 @@ from jaxdiff.cli import main as cli_main
 from jaxdiff.pipelines import DDIMPipeline, DDPMPipeline, DiffusionPipeline
 from jaxdiff.pipelines.pipeline_utils import scheduler_class
 from jaxdiff.schedulers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+from tests.compile_events import RECORD_COMPILES
 from tests.reference_io import load_case, reference_dir, requires_reference
 
 COMPONENT = "pipelines_unconditional"
@@ -178,7 +179,7 @@ def test_missing_folder_and_bad_model_index(tmp_path):
 
 
 # ------------------------------------------------------------------ multiple devices
-_MULTI = textwrap.dedent(
+_MULTI = RECORD_COMPILES + textwrap.dedent(
     """
     import sys, numpy as np, jax
     from jaxdiff.pipelines import DiffusionPipeline
@@ -189,8 +190,11 @@ _MULTI = textwrap.dedent(
     for b in (3, 8):
         out[f"jit{b}"] = pipe(batch_size=b, num_inference_steps=4, seed=0, output_type="np",
                               progress=False).images
-    out["pmap8"] = pipe(batch_size=8, num_inference_steps=4, seed=0, output_type="np",
-                        progress=False, use_pmap=True).images
+    for name in ("pmap8", "pmap8_again"):
+        compiles.clear()
+        out[name] = pipe(batch_size=8, num_inference_steps=4, seed=0, output_type="np",
+                         progress=False, use_pmap=True).images
+    assert not compiles, f"the second pmap call compiled again: {compiles}"
     np.savez(sys.argv[2], **out)
     """
 )
@@ -222,6 +226,8 @@ def test_eight_devices_equal_one_device(tiny_dir, tmp_path):
         np.testing.assert_allclose(eight[k], one[k], atol=5e-5, err_msg=k)
     np.testing.assert_allclose(one["jit3"], one["jit8"][:3], atol=5e-5)
     np.testing.assert_allclose(one["pmap8"], one["jit8"], atol=5e-5)
+    for out in (one, eight):  # the script asserts that the second pmap call compiled nothing
+        np.testing.assert_array_equal(out["pmap8_again"], out["pmap8"])
 
 
 # ------------------------------------------------------------------ CLI

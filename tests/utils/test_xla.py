@@ -114,5 +114,10 @@ def test_jaxdiff_programs_compile_with_them():
     keys = jax.random.split(jax.random.key(0), shape[0])
     state = scheduler.set_timesteps(2, shape=shape)
     sample_hlo = sample_fn.lower(params, keys, state, {}, None, shape=shape).compile().as_text()
-    for hlo in (train_hlo, sample_hlo):
+    # The pmap path: compiled once per signature with the same options.
+    pipe(batch_size=1, num_inference_steps=2, seed=0, output_type="np", progress=False, use_pmap=True)  # fmt: skip
+    pipe(batch_size=1, num_inference_steps=2, seed=0, output_type="np", progress=False, use_pmap=True)  # fmt: skip
+    (pmap_program,) = (v for k, v in pipe._jit_cache.items() if k[0][0] == "pmap_denoise")
+    assert len(pipe._jit_cache) == 2
+    for hlo in (train_hlo, sample_hlo, pmap_program.as_text()):
         assert "convolution(" in hlo and _ynn_convolutions(hlo) == 0
