@@ -279,10 +279,13 @@ class StableDiffusionPipeline(DiffusionPipeline):
         t = jnp.broadcast_to(state.timesteps[index], (z0.shape[0],))
         return self.scheduler.add_noise(z0, noise, t)
 
+    def _component_ids(self) -> tuple[int, ...]:
+        """The components a compiled program closes over, for its cache key."""
+        return id(self.unet), id(self.vae), id(self.text_encoder), id(self.scheduler)
+
     def _program(self, spec: _Spec):
         """The jitted ``_run_fn(spec)``, cached per components and spec."""
-        cache_key = ("sd", id(self.unet), id(self.vae), id(self.text_encoder))
-        cache_key += (id(self.scheduler), spec)
+        cache_key = ("sd", *self._component_ids(), spec)
         if cache_key not in self._jit_cache:
             run = self._run_fn(spec)
             self._jit_cache[cache_key] = jax.jit(run, compiler_options=compiler_options())
@@ -617,8 +620,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
             return lambda p, b, s, st: run(p, b, s, st, None)
 
         args = (params, {k: split(v) for k, v in per_image.items()}, scalars, state)
-        key = ("sd-pmap", id(self.unet), id(self.vae), id(self.text_encoder))
-        key += (id(self.scheduler), spec_dev)
+        key = ("sd-pmap", *self._component_ids(), spec_dev)
         program = sampling.pmap_program(self._jit_cache, key, make_fn, (None, 0, None, None), *args)
         out = program(*args)
         return out.reshape((-1,) + out.shape[2:])
