@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.models.group_norm import GroupNorm
+
 Array = jax.Array
 
 # --------------------------------------------------------------------------------------------
@@ -57,15 +59,9 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 # Norms and convolutions
 
 
-def group_norm(num_groups: int, eps: float, name: str) -> nn.GroupNorm:
-    """A float32 ``nn.GroupNorm`` whose params sit directly under ``name`` (PyTorch layout)."""
-    return nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=eps,
-        dtype=jnp.float32,
-        use_fast_variance=False,
-        name=name,
-    )
+def group_norm(num_groups: int, eps: float, name: str) -> GroupNorm:
+    """A float32 :class:`GroupNorm` whose params sit directly under ``name`` (PyTorch layout)."""
+    return GroupNorm(num_groups=num_groups, epsilon=eps, name=name)
 
 
 def apply_norm(norm: nn.Module, x: Array, dtype) -> Array:
