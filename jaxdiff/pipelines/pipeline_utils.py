@@ -139,6 +139,10 @@ class DiffusionPipeline:
     def components(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._components}
 
+    def _component_ids(self) -> tuple[int, ...]:
+        """The components' ids, for the cache keys of the programs that close over them."""
+        return tuple(id(getattr(self, name)) for name in self._components)
+
     @property
     def config(self) -> FrozenConfig:
         data = {"_class_name": type(self).__name__, "_diffusers_version": __diffusers_version__}

@@ -279,10 +279,6 @@ class StableDiffusionPipeline(DiffusionPipeline):
         t = jnp.broadcast_to(state.timesteps[index], (z0.shape[0],))
         return self.scheduler.add_noise(z0, noise, t)
 
-    def _component_ids(self) -> tuple[int, ...]:
-        """The components a compiled program closes over, for its cache key."""
-        return id(self.unet), id(self.vae), id(self.text_encoder), id(self.scheduler)
-
     def _program(self, spec: _Spec):
         """The jitted ``_run_fn(spec)``, cached per components and spec."""
         cache_key = ("sd", *self._component_ids(), spec)

@@ -46,7 +46,7 @@ class UnconditionalPipeline(DiffusionPipeline):
     default_steps = 1000
 
     def _sample_fn(self, mesh: Any, static_kwargs: tuple = ()):
-        cache_key = ("sample", id(self.unet), id(self.scheduler), mesh, static_kwargs)
+        cache_key = ("sample", *self._component_ids(), mesh, static_kwargs)
         if cache_key not in self._jit_cache:
             unet, scheduler = self.unet, self.scheduler
 
@@ -182,7 +182,7 @@ class UnconditionalPipeline(DiffusionPipeline):
             step_keys,
             step_kwargs=step_kwargs,
             cache=self._jit_cache,
-            cache_key=(id(self.unet), id(self.scheduler)),
+            cache_key=self._component_ids(),
         )
         return jnp.clip(x_0.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
