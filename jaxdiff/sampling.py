@@ -200,22 +200,47 @@ def pad_state(state: Any, max_steps: int) -> Any:
     return state.replace(**new)
 
 
-def classifier_free_guidance(model_fn: Callable, guidance_scale: jax.Array) -> ModelFn:
+def classifier_free_guidance(
+    model_fn: Callable, guidance_scale: jax.Array, guidance_rescale: jax.Array | None = None
+) -> ModelFn:
     r"""Classifier-free guidance, Ho & Salimans (2022), Eq. 6:
     :math:`\tilde\epsilon = \epsilon_\theta(x, \varnothing) + w\,(\epsilon_\theta(x, c) -
     \epsilon_\theta(x, \varnothing))`.
 
+    With ``guidance_rescale`` :math:`\phi > 0`, the guided prediction is rescaled to the
+    conditional one's standard deviation and mixed back (*Lin et al. (2024), "Common Diffusion
+    Noise Schedules and Sample Steps are Flawed", Sec. 3.4*), per image:
+
+    .. math:: \tilde\epsilon_{\text{rescaled}} = \tilde\epsilon\,
+              \frac{\operatorname{std}(\epsilon_\theta(x, c))}{\operatorname{std}(\tilde\epsilon)},
+              \qquad \tilde\epsilon \leftarrow \phi\,\tilde\epsilon_{\text{rescaled}}
+              + (1 - \phi)\,\tilde\epsilon,
+
+    the standard deviations taken over (H, W, C) with Bessel's correction, as diffusers'
+    ``rescale_noise_cfg`` (``torch.std``). :math:`\phi = 0` returns the plain guided prediction.
+
     ``model_fn(x, t)`` must evaluate a doubled batch ``[x, x]`` against
-    ``[uncond, cond]`` contexts (it closes over them); ``guidance_scale`` may be traced, so a new
-    scale does not recompile.
+    ``[uncond, cond]`` contexts (it closes over them); ``guidance_scale`` and
+    ``guidance_rescale`` may be traced, so new values do not recompile.
     """
 
     def guided(x: jax.Array, t: jax.Array) -> jax.Array:
         out = model_fn(jnp.concatenate([x, x], axis=0), t)
         uncond, cond = jnp.split(out, 2, axis=0)
-        return uncond + guidance_scale * (cond - uncond)
+        cfg = uncond + guidance_scale * (cond - uncond)
+        if guidance_rescale is None:
+            return cfg
+        ratio = _image_std(cond) / _image_std(cfg)
+        rescaled = guidance_rescale * (cfg * ratio) + (1 - guidance_rescale) * cfg
+        return jnp.where(guidance_rescale > 0, rescaled.astype(cfg.dtype), cfg)
 
     return guided
+
+
+def _image_std(a: jax.Array) -> jax.Array:
+    """Per-image standard deviation over all but the batch axis, Bessel-corrected, in fp32."""
+    axes = tuple(range(1, a.ndim))
+    return jnp.std(a.astype(jnp.float32), axis=axes, ddof=1, keepdims=True)
 
 
 # ----------------------------------------------------------------------------- devices

@@ -190,6 +190,7 @@ _FORWARDED = (
     "width",
     "num_inference_steps",
     "guidance_scale",
+    "guidance_rescale",
     "num_images_per_prompt",
     "key",
     "seed",
@@ -357,7 +358,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
             fn = model_fn
             if spec.do_cfg:
-                fn = sampling.classifier_free_guidance(model_fn, scalars["guidance_scale"])
+                fn = sampling.classifier_free_guidance(
+                    model_fn, scalars["guidance_scale"], scalars.get("guidance_rescale")
+                )
             step_kwargs = {"eta": scalars["eta"]} if "eta" in scalars else {}
             z0 = sampling.denoise(
                 fn,
@@ -450,6 +453,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         num_images_per_prompt,
         key,
         seed,
+        guidance_rescale=None,
         latents=None,
         eta,
         output_type,
@@ -468,6 +472,12 @@ class StableDiffusionPipeline(DiffusionPipeline):
             raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if guidance_rescale is not None and (
+            isinstance(guidance_rescale, bool)
+            or not isinstance(guidance_rescale, (int, float))
+            or not 0 <= guidance_rescale < float("inf")
+        ):
+            raise ValueError(f"guidance_rescale must be a number >= 0, got {guidance_rescale!r}")
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
             raise ValueError(
                 f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}"
@@ -559,6 +569,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
             fresh_start=latents is not None or strength == 1.0,
         )
         scalars = {"guidance_scale": jnp.float32(guidance_scale)}
+        if guidance_rescale is not None:  # text2img: always traced, so a new value never recompiles
+            scalars["guidance_rescale"] = jnp.float32(guidance_rescale)
         from jaxdiff.schedulers.ddim import DDIMScheduler
 
         if isinstance(self.scheduler, DDIMScheduler):  # as diffusers: eta only where accepted
@@ -642,6 +654,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         prompt_embeds: Any = None,
         negative_prompt_embeds: Any = None,
         clip_skip: int | None = None,
+        guidance_rescale: float = 0.0,
         use_pmap: bool = False,
     ) -> ImagePipelineOutput:
         """Generates images from text.
@@ -664,6 +677,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 ``(batch, seq, cross_attention_dim)``.
             clip_skip: use the text encoder's hidden state ``clip_skip`` layers before the last
                 (then its final layer norm), as diffusers.
+            guidance_rescale: :math:`\\phi` of *Lin et al. (2024)*, Sec. 3.4: rescales the
+                guided prediction towards the conditional one's standard deviation (against
+                over-exposure with zero terminal SNR); 0 turns it off. Only under guidance.
             use_pmap: ``jax.pmap`` over local devices instead of the sharded ``jit``.
         """
         return self._run(**_forwarded(locals()))

@@ -29,7 +29,14 @@ from tests.compile_events import RECORD_COMPILES
 from tests.reference_io import load_case, reference_dir
 
 COMPONENT = "pipelines_stable_diffusion"
-TXT2IMG = ["txt2img_ddim", "txt2img_euler", "txt2img_dpm", "txt2img_pndm", "txt2img_nocfg"]
+TXT2IMG = [
+    "txt2img_ddim",
+    "txt2img_euler",
+    "txt2img_dpm",
+    "txt2img_pndm",
+    "txt2img_nocfg",
+    "txt2img_rescale",
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +87,15 @@ def test_txt2img_matches_diffusers(pipe, case):
         negative_prompt=meta.get("negative_prompt"),
         num_inference_steps=meta["steps"],
         guidance_scale=meta["guidance_scale"],
+        guidance_rescale=meta.get("guidance_rescale", 0.0),
         latents=arrays["latents"],
         output_type="np",
         progress=False,
         seed=0,
     ).images
     _assert_matches(images, arrays["images"])
+    if meta.get("guidance_rescale"):  # its effect on the tiny UNet is ~2 uint8 levels at most
+        np.testing.assert_allclose(images, arrays["images"], atol=1e-4)
 
 
 def test_num_images_per_prompt_and_clip_skip_match_diffusers(pipe):
@@ -238,8 +248,9 @@ def test_guidance_seed_prompt_and_eta_do_not_recompile(pipe):
     b = pipe(["a cat", "a dog"], guidance_scale=3.0, seed=0, **kw).images
     c = pipe(["a cat", "a dog"], guidance_scale=7.5, seed=1, **kw).images
     d = pipe(["a red cat", "a blue dog"], guidance_scale=7.5, seed=0, eta=0.5, **kw).images
+    e = pipe(["a cat", "a dog"], guidance_scale=7.5, seed=0, guidance_rescale=0.7, **kw).images
     assert _compiles(pipe) == 1
-    for other in (b, c, d):  # each argument really reached the program
+    for other in (b, c, d, e):  # each argument really reached the program
         assert np.abs(other - a).max() > 1e-3
 
 
@@ -328,6 +339,9 @@ def test_bad_input_errors(pipe, sd_dir):
         pipe("a cat", width=65, **kw)
     with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
         pipe("a cat", guidance_scale=-1.0, **kw)
+    for rescale in (-0.5, float("nan"), "0.7"):
+        with pytest.raises(ValueError, match="guidance_rescale must be a number >= 0"):
+            pipe("a cat", guidance_rescale=rescale, **kw)
     with pytest.raises(ValueError, match="negative_prompt has 1 entries for 2 prompts"):
         pipe(["a", "b"], negative_prompt=["x"], **kw)
     keys = jax.random.split(jax.random.key(0), 3)

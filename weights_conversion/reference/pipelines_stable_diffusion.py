@@ -210,14 +210,15 @@ def generate(out_dir: Path) -> None:
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
 
-    # ---- text2img: three deterministic schedulers, CFG with negative prompts, no CFG,
-    # num_images_per_prompt, clip_skip, PNDM (the folder's own scheduler).
+    # ---- text2img: three deterministic schedulers, CFG with negative prompts, no CFG, CFG with
+    # guidance_rescale, num_images_per_prompt, clip_skip, PNDM (the folder's own scheduler).
     cases = [
         ("txt2img_ddim", "ddim", dict(guidance_scale=7.5, negative_prompt=NEGATIVE)),
         ("txt2img_euler", "euler", dict(guidance_scale=7.5, negative_prompt=NEGATIVE)),
         ("txt2img_dpm", "dpm", dict(guidance_scale=5.0)),
         ("txt2img_pndm", "pndm", dict(guidance_scale=7.5)),
         ("txt2img_nocfg", "ddim", dict(guidance_scale=1.0)),
+        ("txt2img_rescale", "ddim", dict(guidance_scale=7.5, guidance_rescale=0.7)),
     ]
     for name, sched, kw in cases:
         pipe.scheduler = _scheduler(pipe, sched)
