@@ -31,6 +31,7 @@ on the batch it was made in, its padding or the device count.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,6 +181,26 @@ def begin_index_for_strength(num_inference_steps: int, strength: float, order: i
     return max(num_inference_steps - init, 0) * order
 
 
+def custom_schedule(scheduler, timesteps, sigmas) -> dict[str, np.ndarray] | None:
+    """Checks a custom ``timesteps`` or ``sigmas`` schedule against the scheduler, as diffusers'
+    ``retrieve_timesteps``: ``{name: values}``, or None when neither is given."""
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass timesteps or sigmas, not both")
+    name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+    if values is None:
+        return None
+    accepts = inspect.signature(scheduler.set_timesteps).parameters
+    if name not in accepts:
+        raise ValueError(
+            f"{type(scheduler).__name__} takes no custom {name} (set_timesteps has no {name!r} "
+            "argument): use a scheduler that does, such as EulerDiscreteScheduler"
+        )
+    arr = np.asarray(values)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{name} must be a non-empty 1-D list of numbers, got {values!r}")
+    return {name: arr}
+
+
 # The call arguments every task passes on to ``_run`` unchanged (when the caller has them).
 _FORWARDED = (
     "prompt",
@@ -191,6 +212,8 @@ _FORWARDED = (
     "num_inference_steps",
     "guidance_scale",
     "guidance_rescale",
+    "timesteps",
+    "sigmas",
     "num_images_per_prompt",
     "key",
     "seed",
@@ -454,6 +477,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         key,
         seed,
         guidance_rescale=None,
+        timesteps=None,
+        sigmas=None,
         latents=None,
         eta,
         output_type,
@@ -532,6 +557,10 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 value = _match_batch(value, n_prompts, name if name != "mask" else "mask_image")
                 per_image[name] = np.repeat(value, num_images_per_prompt, axis=0)
 
+        schedule = custom_schedule(self.scheduler, timesteps, sigmas)
+        if schedule:  # as diffusers' retrieve_timesteps: N is the custom schedule's length
+            custom = self.scheduler.set_timesteps(None, **schedule)
+            num_inference_steps = int(custom.timesteps.shape[0])
         steps = num_inference_steps
         begin = 0
         if self.task != "txt2img":
@@ -580,9 +609,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
         params = {n: self.params[n] for n in ("unet", "vae", "text_encoder")}
 
         if use_pmap:
-            out = self._pmap_run(spec, params, per_image, scalars, steps, begin)
+            out = self._pmap_run(spec, params, per_image, scalars, steps, begin, schedule)
         else:
-            state, more = self._state(steps, shape, begin, traced)
+            state, more = self._state(steps, shape, begin, traced, schedule)
             scalars.update(more)
             mesh = sampling.batch_mesh() if n_dev > 1 else None
             batch = {k: jnp.asarray(v) for k, v in per_image.items()}
@@ -599,10 +628,14 @@ class StableDiffusionPipeline(DiffusionPipeline):
             return ImagePipelineOutput(images=out)
         return to_output(out, output_type)
 
-    def _state(self, steps: int, shape: tuple, begin: int, traced: bool):
-        """The scheduler state starting at step ``begin``, and the program's step arguments
-        (padded to ``max_model_calls`` entries when ``traced``)."""
-        state = self.scheduler.set_timesteps(steps, shape=shape)
+    def _state(self, steps: int, shape: tuple, begin: int, traced: bool, schedule=None):
+        """The scheduler state starting at step ``begin`` (of ``steps``, or of the custom
+        ``schedule``), and the program's step arguments (padded to ``max_model_calls`` entries
+        when ``traced``)."""
+        if schedule:
+            state = self.scheduler.set_timesteps(None, shape=shape, **schedule)
+        else:
+            state = self.scheduler.set_timesteps(steps, shape=shape)
         state = state.replace(step_index=jnp.asarray(begin, state.step_index.dtype))
         if not traced:
             return state, {}
@@ -612,11 +645,11 @@ class StableDiffusionPipeline(DiffusionPipeline):
         )
         return state, {"num_steps": jnp.int32(n), "begin": jnp.int32(begin)}
 
-    def _pmap_run(self, spec, params, per_image, scalars, steps, begin):
+    def _pmap_run(self, spec, params, per_image, scalars, steps, begin, schedule):
         n = jax.local_device_count()
         per_dev = spec.shape[0] // n
         spec_dev = _Spec(**{**spec.__dict__, "shape": (per_dev,) + spec.shape[1:]})
-        state, more = self._state(steps, spec_dev.shape, begin, spec.traced_steps)
+        state, more = self._state(steps, spec_dev.shape, begin, spec.traced_steps, schedule)
         scalars = {**scalars, **more}
 
         def split(a):
@@ -655,6 +688,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         negative_prompt_embeds: Any = None,
         clip_skip: int | None = None,
         guidance_rescale: float = 0.0,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         use_pmap: bool = False,
     ) -> ImagePipelineOutput:
         """Generates images from text.
@@ -680,6 +715,10 @@ class StableDiffusionPipeline(DiffusionPipeline):
             guidance_rescale: :math:`\\phi` of *Lin et al. (2024)*, Sec. 3.4: rescales the
                 guided prediction towards the conditional one's standard deviation (against
                 over-exposure with zero terminal SNR); 0 turns it off. Only under guidance.
+            timesteps / sigmas: a custom schedule instead of ``num_inference_steps``, for the
+                schedulers whose ``set_timesteps`` takes one (DDPM, Euler, DPM-Solver++:
+                ``timesteps``; Euler: ``sigmas``, N + 1 values), as diffusers'
+                ``retrieve_timesteps``; N is then its length. New values do not recompile.
             use_pmap: ``jax.pmap`` over local devices instead of the sharded ``jit``.
         """
         return self._run(**_forwarded(locals()))
@@ -710,6 +749,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         negative_prompt_embeds: Any = None,
         clip_skip: int | None = None,
         sample_posterior: bool = True,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         use_pmap: bool = False,
     ) -> ImagePipelineOutput:
         """As :class:`StableDiffusionPipeline`, plus:
@@ -759,6 +800,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         negative_prompt_embeds: Any = None,
         clip_skip: int | None = None,
         sample_posterior: bool = True,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         use_pmap: bool = False,
     ) -> ImagePipelineOutput:
         """As :class:`StableDiffusionPipeline`, plus:

@@ -36,6 +36,8 @@ TXT2IMG = [
     "txt2img_pndm",
     "txt2img_nocfg",
     "txt2img_rescale",
+    "txt2img_dpm_timesteps",
+    "txt2img_euler_sigmas",
 ]
 
 
@@ -88,6 +90,8 @@ def test_txt2img_matches_diffusers(pipe, case):
         num_inference_steps=meta["steps"],
         guidance_scale=meta["guidance_scale"],
         guidance_rescale=meta.get("guidance_rescale", 0.0),
+        timesteps=meta.get("timesteps"),
+        sigmas=meta.get("sigmas"),
         latents=arrays["latents"],
         output_type="np",
         progress=False,
@@ -153,7 +157,7 @@ def test_prompt_embeds_equal_prompts(pipe):
     np.testing.assert_allclose(by_embeds, by_text, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["img2img_ddim", "img2img_euler"])
+@pytest.mark.parametrize("case", ["img2img_ddim", "img2img_euler", "img2img_euler_timesteps"])
 def test_img2img_matches_diffusers(sd_dir, pipe, case):
     arrays, meta = load_case(COMPONENT, case)
     img = StableDiffusionImg2ImgPipeline(params=pipe.params, **pipe.components)
@@ -164,6 +168,7 @@ def test_img2img_matches_diffusers(sd_dir, pipe, case):
         strength=meta["strength"],
         num_inference_steps=meta["steps"],
         noise=arrays["noise"],
+        timesteps=meta.get("timesteps"),
         sample_posterior=False,  # the reference took the posterior mode
         output_type="np",
         progress=False,
@@ -273,6 +278,42 @@ def test_step_count_and_strength_do_not_recompile(pipe, name):
     e = img("a cat", image=image, strength=0.9, num_inference_steps=6, **kw).images
     assert _compiles(img) == 1
     assert np.abs(d - e).max() > 1e-3
+
+
+@pytest.mark.parametrize("name, custom", [("dpm++", "timesteps"), ("euler", "sigmas")])
+def test_custom_schedules_do_not_recompile(pipe, name, custom):
+    pipe.scheduler = _scheduler(pipe, name)
+    pipe._jit_cache.clear()
+    kw = dict(output_type="np", progress=False, seed=0)
+    schedules = {
+        "timesteps": ([999, 500, 100], [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]),
+        "sigmas": ([14.6, 3.0, 0.5, 0.0], [14.6, 6.5, 2.9, 1.2, 0.45, 0.1, 0.0]),
+    }[custom]
+    a = pipe("a cat", **{custom: schedules[0]}, **kw).images
+    b = pipe("a cat", **{custom: schedules[1]}, **kw).images
+    c = pipe("a cat", num_inference_steps=5, **kw).images
+    assert _compiles(pipe) == 1
+    assert np.abs(a - b).max() > 1e-3 and np.abs(b - c).max() > 1e-3
+    # the custom schedule replaces num_inference_steps, as in diffusers
+    d = pipe("a cat", num_inference_steps=30, **{custom: schedules[0]}, **kw).images
+    np.testing.assert_array_equal(d, a)
+
+
+def test_custom_schedule_errors(pipe):
+    kw = dict(progress=False, seed=0, output_type="np")
+    pipe.scheduler = _scheduler(pipe, "ddim")
+    with pytest.raises(ValueError, match="DDIMScheduler takes no custom timesteps"):
+        pipe("a cat", timesteps=[999, 500], **kw)
+    pipe.scheduler = _scheduler(pipe, "dpm++")
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler takes no custom sigmas"):
+        pipe("a cat", sigmas=[14.6, 1.0, 0.0], **kw)
+    pipe.scheduler = _scheduler(pipe, "euler")
+    with pytest.raises(ValueError, match="pass timesteps or sigmas, not both"):
+        pipe("a cat", timesteps=[999, 500], sigmas=[14.6, 1.0, 0.0], **kw)
+    with pytest.raises(ValueError, match="timesteps must be a non-empty 1-D list of numbers"):
+        pipe("a cat", timesteps=[[999, 500]], **kw)
+    with pytest.raises(ValueError, match="sigmas must be a non-empty 1-D list of numbers"):
+        pipe("a cat", sigmas=[], **kw)
 
 
 def test_images_depend_only_on_their_own_key(pipe):

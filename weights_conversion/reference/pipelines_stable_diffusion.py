@@ -82,6 +82,9 @@ SD15_SCHEDULER = dict(
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on mars"]
 NEGATIVE = ["blurry, low quality", ""]
 STEPS = 5
+# "Align Your Steps" SD 1.5 timesteps (Sabour et al. 2024), as passed to diffusers' timesteps=
+AYS_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
+CUSTOM_SIGMAS = [14.6, 6.5, 2.9, 1.2, 0.45, 0.1, 0.0]
 HEIGHT = WIDTH = 64
 
 
@@ -211,7 +214,8 @@ def generate(out_dir: Path) -> None:
     latents = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
 
     # ---- text2img: three deterministic schedulers, CFG with negative prompts, no CFG, CFG with
-    # guidance_rescale, num_images_per_prompt, clip_skip, PNDM (the folder's own scheduler).
+    # guidance_rescale, custom timesteps / sigmas, num_images_per_prompt, clip_skip, PNDM (the
+    # folder's own scheduler).
     cases = [
         ("txt2img_ddim", "ddim", dict(guidance_scale=7.5, negative_prompt=NEGATIVE)),
         ("txt2img_euler", "euler", dict(guidance_scale=7.5, negative_prompt=NEGATIVE)),
@@ -219,6 +223,9 @@ def generate(out_dir: Path) -> None:
         ("txt2img_pndm", "pndm", dict(guidance_scale=7.5)),
         ("txt2img_nocfg", "ddim", dict(guidance_scale=1.0)),
         ("txt2img_rescale", "ddim", dict(guidance_scale=7.5, guidance_rescale=0.7)),
+        # custom schedules (retrieve_timesteps): they replace num_inference_steps
+        ("txt2img_dpm_timesteps", "dpm", dict(guidance_scale=7.5, timesteps=AYS_TIMESTEPS)),
+        ("txt2img_euler_sigmas", "euler", dict(guidance_scale=7.5, sigmas=CUSTOM_SIGMAS)),
     ]
     for name, sched, kw in cases:
         pipe.scheduler = _scheduler(pipe, sched)
@@ -278,9 +285,10 @@ def generate(out_dir: Path) -> None:
     saved = img2img_mod.randn_tensor, img2img_mod.retrieve_latents
     img2img_mod.randn_tensor, img2img_mod.retrieve_latents = _FixedNoise(noise), _argmax_latents
     try:
-        for name, sched, strength in (
-            ("img2img_ddim", "ddim", 0.6),
-            ("img2img_euler", "euler", 0.8),
+        for name, sched, strength, kw in (
+            ("img2img_ddim", "ddim", 0.6, {}),
+            ("img2img_euler", "euler", 0.8, {}),
+            ("img2img_euler_timesteps", "euler", 0.6, dict(timesteps=AYS_TIMESTEPS)),
         ):
             img_pipe.scheduler = _scheduler(pipe, sched)
             with torch.no_grad():
@@ -291,8 +299,10 @@ def generate(out_dir: Path) -> None:
                     num_inference_steps=STEPS * 2,
                     guidance_scale=7.5,
                     output_type="np",
+                    **kw,
                 ).images
             meta = {"scheduler": sched, "strength": strength, "steps": STEPS * 2, "prompt": PROMPTS}
+            meta.update(kw)
             save_case(out_dir, name, {"image": init, "noise": noise, "images": images}, meta)
     finally:
         img2img_mod.randn_tensor, img2img_mod.retrieve_latents = saved
