@@ -41,6 +41,19 @@ def test_generate_without_model_writes_cats_offline(tmp_path, monkeypatch, capsy
     assert DEFAULT_MODEL_DIR in capsys.readouterr().out
 
 
+def test_generate_samples_the_shipped_model_with_50_step_ddim(tmp_path, capsys):
+    """Without --scheduler/--steps the shipped model samples with DDIM, 50 steps (its own DDPM
+    scheduler drifts into saturated colours, see SHIPPED_MODEL_SAMPLER); given ones win."""
+    out = tmp_path / "cats.png"
+    args = ["generate", "--batch", "1", "--no-progress", "--out", str(out)]
+    assert cli_main(args) == 0
+    assert "(DDIMScheduler, 50 steps)" in capsys.readouterr().out
+    assert cli_main([*args, "--overwrite", "--steps", "3"]) == 0
+    assert "(DDIMScheduler, 3 steps)" in capsys.readouterr().out
+    assert cli_main([*args, "--overwrite", "--scheduler", "euler", "--steps", "2"]) == 0
+    assert "(EulerDiscreteScheduler, 2 steps)" in capsys.readouterr().out
+
+
 def test_the_wheel_ships_the_model(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)],
