@@ -250,10 +250,12 @@ def test_guidance_seed_prompt_and_eta_do_not_recompile(pipe):
     kw = dict(num_inference_steps=2, output_type="np", progress=False)
     a = pipe(["a cat", "a dog"], guidance_scale=7.5, seed=0, **kw).images
     assert _compiles(pipe) == 1
-    b = pipe(["a cat", "a dog"], guidance_scale=3.0, seed=0, **kw).images
+    b = pipe(["a cat", "a dog"], guidance_scale=np.float32(3.0), seed=0, **kw).images
     c = pipe(["a cat", "a dog"], guidance_scale=7.5, seed=1, **kw).images
     d = pipe(["a red cat", "a blue dog"], guidance_scale=7.5, seed=0, eta=0.5, **kw).images
-    e = pipe(["a cat", "a dog"], guidance_scale=7.5, seed=0, guidance_rescale=0.7, **kw).images
+    e = pipe(
+        ["a cat", "a dog"], guidance_scale=7.5, seed=0, guidance_rescale=np.float32(0.7), **kw
+    ).images
     assert _compiles(pipe) == 1
     for other in (b, c, d, e):  # each argument really reached the program
         assert np.abs(other - a).max() > 1e-3
