@@ -114,11 +114,10 @@ def generate(args: argparse.Namespace) -> int:
     model = args.model or default_model()
     if model is None:
         return _fail("no --model given and this install ships no default model")
+    args = argparse.Namespace(**vars(args))  # defaults are filled in below; the caller's stay
     if args.model is None:
-        scheduler, steps = SHIPPED_MODEL_SAMPLER
-        args = argparse.Namespace(
-            **{**vars(args), "scheduler": args.scheduler or scheduler, "steps": args.steps or steps}
-        )
+        args.scheduler = args.scheduler or SHIPPED_MODEL_SAMPLER[0]
+        args.steps = args.steps or SHIPPED_MODEL_SAMPLER[1]
     out = os.path.abspath(args.out)
     if not out.lower().endswith(".png"):
         return _fail(f"--out must name a .png file, got {args.out!r}")
@@ -137,6 +136,8 @@ def generate(args: argparse.Namespace) -> int:
         return _fail(str(err))
     if new_scheduler is not None:
         pipe.scheduler = new_scheduler.from_config(pipe.scheduler.config)
+    # the pipeline's own default: DDPM/DDIM pipelines say theirs, Stable Diffusion's __call__ 50
+    args.steps = args.steps or getattr(pipe, "default_steps", 50)
     start = time.perf_counter()
     try:
         result = _run_pipeline(pipe, args)
@@ -145,10 +146,9 @@ def generate(args: argparse.Namespace) -> int:
     rows, cols = grid_shape(args.batch)
     make_image_grid(result.images, rows, cols).save(out)
     took = time.perf_counter() - start
-    steps = args.steps or getattr(pipe, "default_steps", 50)
     print(
-        f"wrote {args.batch} image(s) from {model} ({type(pipe.scheduler).__name__}, {steps} "
-        f"steps) to {out} in {took:.1f} s"
+        f"wrote {args.batch} image(s) from {model} ({type(pipe.scheduler).__name__}, "
+        f"{args.steps} steps) to {out} in {took:.1f} s"
     )
     return 0
 
@@ -180,7 +180,7 @@ def _run_pipeline(pipe, args: argparse.Namespace):
         raise ValueError("--mask needs --image (inpainting)")
     sd = dict(
         negative_prompt=args.negative,
-        num_inference_steps=args.steps or 50,
+        num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         num_images_per_prompt=args.batch,
         eta=0.0 if args.eta is None else args.eta,
