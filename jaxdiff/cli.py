@@ -42,6 +42,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_list(text: str) -> list[int]:
+    """``"999,850,736"`` -> ``[999, 850, 736]`` (a custom timestep schedule)."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 999,850,736, got {text!r}"
+        ) from None
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    """``"14.6,6.5,0.0"`` -> ``[14.6, 6.5, 0.0]`` (a custom sigma schedule)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 14.6,6.5,0.0, got {text!r}"
+        ) from None
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description="Diffusion models in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", default=None, help="text prompt (Stable Diffusion)")
     gen.add_argument("--negative", default=None, help="negative prompt (Stable Diffusion)")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=None,
+        help="guidance rescale phi (Lin et al. 2024; SD text2img, e.g. 0.7; default off)",
+    )
     gen.add_argument("--height", type=_positive_int, default=None, help="image height (SD)")
     gen.add_argument("--width", type=_positive_int, default=None, help="image width (SD)")
     gen.add_argument("--image", default=None, help="init image file: img2img, or inpaint")
@@ -68,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="pipeline folder in diffusers layout or Hub repo id (default: the shipped model)",
     )
     gen.add_argument("--steps", type=_positive_int, default=None, help="inference steps")
+    gen.add_argument(
+        "--timesteps",
+        type=_int_list,
+        default=None,
+        help="custom schedule instead of --steps, e.g. 999,850,736 (SD; DDPM, Euler, DPM++)",
+    )
+    gen.add_argument(
+        "--sigmas",
+        type=_float_list,
+        default=None,
+        help="custom sigmas instead of --steps, N+1 values ending in 0 (SD; Euler)",
+    )
     gen.add_argument(
         "--scheduler",
         default=None,
@@ -115,7 +155,10 @@ def generate(args: argparse.Namespace) -> int:
     if model is None:
         return _fail("no --model given and this install ships no default model")
     args = argparse.Namespace(**vars(args))  # defaults are filled in below; the caller's stay
-    if args.model is None:
+    schedule = [f"--{name}" for name in ("steps", "timesteps", "sigmas") if getattr(args, name)]
+    if len(schedule) > 1:
+        return _fail(f"give one of --steps, --timesteps and --sigmas, got {' and '.join(schedule)}")
+    if args.model is None and not schedule:
         args.scheduler = args.scheduler or SHIPPED_MODEL_SAMPLER[0]
         args.steps = args.steps or SHIPPED_MODEL_SAMPLER[1]
     out = os.path.abspath(args.out)
@@ -137,6 +180,8 @@ def generate(args: argparse.Namespace) -> int:
     if new_scheduler is not None:
         pipe.scheduler = new_scheduler.from_config(pipe.scheduler.config)
     # the pipeline's own default: DDPM/DDIM pipelines say theirs, Stable Diffusion's __call__ 50
+    if args.timesteps or args.sigmas:  # as diffusers' retrieve_timesteps: N is their length
+        args.steps = len(args.timesteps) if args.timesteps else len(args.sigmas) - 1
     args.steps = args.steps or getattr(pipe, "default_steps", 50)
     start = time.perf_counter()
     try:
@@ -164,9 +209,19 @@ def _run_pipeline(pipe, args: argparse.Namespace):
     )
 
     common = dict(seed=args.seed, output_type="pil", progress=not args.no_progress)
-    sd_only = ("--negative", "--height", "--width", "--image", "--mask", "--strength")
+    sd_only = (
+        "--negative",
+        "--height",
+        "--width",
+        "--image",
+        "--mask",
+        "--strength",
+        "--guidance-rescale",
+        "--timesteps",
+        "--sigmas",
+    )
     if not isinstance(pipe, StableDiffusionPipeline):
-        given = [f for f in sd_only if getattr(args, f[2:]) is not None]
+        given = [f for f in sd_only if getattr(args, f[2:].replace("-", "_")) is not None]
         if args.prompt is not None or given:
             raise ValueError(
                 f"{type(pipe).__name__} is unconditional: it takes no prompt or "
@@ -184,12 +239,19 @@ def _run_pipeline(pipe, args: argparse.Namespace):
         guidance_scale=args.guidance,
         num_images_per_prompt=args.batch,
         eta=0.0 if args.eta is None else args.eta,
+        timesteps=args.timesteps,
+        sigmas=args.sigmas,
         **common,
     )
     if args.image is None:
         if args.strength is not None:
             raise ValueError("--strength needs --image (img2img or inpaint)")
-        return pipe(args.prompt, height=args.height, width=args.width, **sd)
+        rescale = (
+            {} if args.guidance_rescale is None else {"guidance_rescale": args.guidance_rescale}
+        )
+        return pipe(args.prompt, height=args.height, width=args.width, **sd, **rescale)
+    if args.guidance_rescale is not None:
+        raise ValueError("--guidance-rescale is a text2img option: it does not take --image")
     image = Image.open(args.image).convert("RGB")
     if args.width or args.height:
         image = image.resize((args.width or image.width, args.height or image.height))

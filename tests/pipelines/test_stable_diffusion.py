@@ -538,6 +538,66 @@ def test_cli_text2img_img2img_inpaint(sd_dir, tmp_path, capsys):
     assert "height must be a multiple of 8" in capsys.readouterr().err
 
 
+def test_cli_custom_schedule_and_guidance_rescale_equal_the_pipeline_call(pipe, sd_dir, tmp_path):
+    from PIL import Image
+
+    from jaxdiff.cli import main as cli_main
+    from jaxdiff.utils.images import make_image_grid
+
+    out = tmp_path / "ays.png"
+    args = ["generate", "a cat", "--model", str(sd_dir), "--batch", "2", "--no-progress"]
+    args += ["--scheduler", "dpm++", "--timesteps", "999,850,500,100", "--seed", "3"]
+    assert cli_main([*args, "--guidance-rescale", "0.7", "--out", str(out)]) == 0
+    pipe.scheduler = _scheduler(pipe, "dpm++")
+    expected = pipe(
+        "a cat",
+        num_images_per_prompt=2,
+        seed=3,
+        timesteps=[999, 850, 500, 100],
+        guidance_rescale=0.7,
+        progress=False,
+    ).images
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), make_image_grid(expected, 1, 2))
+    assert not np.array_equal(  # the options reach the pipeline: without phi it differs
+        np.asarray(make_image_grid(expected, 1, 2)),
+        np.asarray(
+            make_image_grid(
+                pipe(
+                    "a cat",
+                    num_images_per_prompt=2,
+                    seed=3,
+                    timesteps=[999, 850, 500, 100],
+                    progress=False,
+                ).images,
+                1,
+                2,
+            )
+        ),
+    )
+
+
+def test_cli_schedule_options_errors(sd_dir, tmp_path, capsys):
+    from jaxdiff.cli import main as cli_main
+
+    base = ["generate", "a cat", "--model", str(sd_dir), "--no-progress"]
+    out = ["--out", str(tmp_path / "x.png")]
+    assert cli_main([*base, "--steps", "4", "--timesteps", "999,500", *out]) == 2
+    assert "give one of --steps, --timesteps and --sigmas" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main([*base, "--timesteps", "999,half", *out])
+    assert "expected comma-separated integers" in capsys.readouterr().err
+    # PNDM's set_timesteps takes no custom schedule: the pipeline's error reaches the user
+    assert cli_main([*base, "--scheduler", "pndm", "--timesteps", "999,500", *out]) == 2
+    assert "timesteps" in capsys.readouterr().err
+    img = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(img)
+    assert cli_main([*base, "--image", str(img), "--guidance-rescale", "0.7", *out]) == 2
+    assert "--guidance-rescale is a text2img option" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_cli_rejects_a_prompt_for_unconditional_models(tmp_path, capsys):
     from jaxdiff.cli import main as cli_main
 
@@ -545,3 +605,6 @@ def test_cli_rejects_a_prompt_for_unconditional_models(tmp_path, capsys):
     args = ["generate", "a cat", "--model", str(tiny), "--steps", "2", "--no-progress"]
     assert cli_main([*args, "--out", str(tmp_path / "x.png")]) == 2
     assert "is unconditional" in capsys.readouterr().err
+    args = ["generate", "--model", str(tiny), "--timesteps", "999,500", "--no-progress"]
+    assert cli_main([*args, "--guidance-rescale", "0.5", "--out", str(tmp_path / "x.png")]) == 2
+    assert "['--guidance-rescale', '--timesteps']" in capsys.readouterr().err
