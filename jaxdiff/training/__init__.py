@@ -14,7 +14,7 @@ from jaxdiff.training.loop import (
     build_unet,
     train,
 )
-from jaxdiff.training.losses import PREDICTION_TYPES, diffusion_loss
+from jaxdiff.training.losses import PREDICTION_TYPES, diffusion_loss, min_snr_weights, snr
 from jaxdiff.training.train_state import (
     TrainState,
     TrainStep,
@@ -44,6 +44,8 @@ __all__ = [
     "make_lr_schedule",
     "make_optimizer",
     "make_train_step",
+    "min_snr_weights",
     "restore_latest",
+    "snr",
     "train",
 ]

@@ -80,6 +80,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         choices=("epsilon", "v_prediction", "sample"),
         default=d.prediction_type,
     )
+    p.add_argument(
+        "--snr-gamma",
+        type=float,
+        default=d.snr_gamma,
+        help="Min-SNR-gamma loss weighting (Hang et al. 2023; e.g. 5); default off",
+    )
     p.add_argument("--model", choices=sorted(MODEL_PRESETS), default=d.model, help="UNet preset")
     p.add_argument(
         "--unet-config",
@@ -131,6 +137,7 @@ def config_from_args(args: argparse.Namespace):
         sample_steps=args.sample_steps,
         log_every=args.log_every,
         prediction_type=args.prediction_type,
+        snr_gamma=args.snr_gamma,
         model=args.model,
         unet_config=args.unet_config,
         num_train_timesteps=args.num_train_timesteps,

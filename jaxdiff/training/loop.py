@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxdiff.training import data as data_lib
 from jaxdiff.training.checkpoints import CheckpointManager
-from jaxdiff.training.losses import check_prediction_type
+from jaxdiff.training.losses import check_prediction_type, check_snr_gamma
 from jaxdiff.training.train_state import (
     TrainState,
     make_lr_schedule,
@@ -81,6 +81,7 @@ _RUN_FIELDS = (
     "ema_decay",
     "seed",
     "prediction_type",
+    "snr_gamma",
     "model",
     "unet_config",
     "num_train_timesteps",
@@ -113,6 +114,8 @@ class TrainConfig:
         sample_count, sample_steps: images in the grid and their DDIM steps.
         log_every: loss.csv / progress-bar interval.
         prediction_type: "epsilon", "v_prediction" or "sample".
+        snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's value);
+            None: the unweighted loss.
         model: a preset of ``MODEL_PRESETS``; ``unet_config`` overrides its fields.
         num_train_timesteps, beta_schedule: the DDPM forward process (DDPMScheduler).
         bf16: bfloat16 compute, float32 master weights.
@@ -144,6 +147,7 @@ class TrainConfig:
     sample_steps: int = 50
     log_every: int = 10
     prediction_type: str = "epsilon"
+    snr_gamma: float | None = None
     model: str = "cats-32"
     unet_config: dict[str, Any] = field(default_factory=dict)
     num_train_timesteps: int = 1000
@@ -180,6 +184,7 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         check_prediction_type(self.prediction_type)
+        check_snr_gamma(self.snr_gamma)
         if self.init_from is not None and self.unet_config:
             raise ValueError(
                 "unet_config cannot be combined with init_from: the model's config comes from "
@@ -415,6 +420,7 @@ def train(config: TrainConfig) -> TrainResult:
         optimizer,
         ema_decay=config.ema_decay,
         prediction_type=config.prediction_type,
+        snr_gamma=config.snr_gamma,
         compute_dtype=jnp.bfloat16 if config.bf16 else None,
         lr_schedule=schedule,
         mesh=mesh,

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import sampling
 from jaxdiff.models.modeling_utils import check_dtype
-from jaxdiff.training.losses import check_prediction_type, diffusion_loss
+from jaxdiff.training.losses import check_prediction_type, check_snr_gamma, diffusion_loss
 from jaxdiff.utils.xla import compiler_options
 
 
@@ -175,6 +175,7 @@ def make_train_step(
     *,
     ema_decay: float = 0.9999,
     prediction_type: str | None = None,
+    snr_gamma: float | None = None,
     compute_dtype: Any = None,
     lr_schedule: optax.Schedule | None = None,
     mesh: Mesh | None = None,
@@ -194,6 +195,7 @@ def make_train_step(
         optimizer: from :func:`make_optimizer`.
         ema_decay: the maximum EMA decay.
         prediction_type: the target; default ``scheduler.config.prediction_type``.
+        snr_gamma: Min-SNR-:math:`\gamma` loss weighting (Hang et al. 2023); None: off.
         compute_dtype: None/float32, or bfloat16/float16 for the model's compute (params stay
             float32).
         lr_schedule: reported as ``metrics["lr"]`` (0 when None).
@@ -201,6 +203,7 @@ def make_train_step(
         donate: donate the state buffers to the step (saves memory; the old state is invalid).
     """
     prediction_type = check_prediction_type(prediction_type or scheduler.config.prediction_type)
+    check_snr_gamma(snr_gamma)
     if compute_dtype is not None:
         model = model.clone(dtype=check_dtype(compute_dtype, "compute_dtype"))
     mesh = mesh if mesh is not None else sampling.batch_mesh()
@@ -221,7 +224,7 @@ def make_train_step(
 
         def loss_fn(params):
             loss, _ = diffusion_loss(
-                apply_fn, params, scheduler, x0, noise_key, prediction_type, dropout_key
+                apply_fn, params, scheduler, x0, noise_key, prediction_type, dropout_key, snr_gamma
             )
             return loss
 

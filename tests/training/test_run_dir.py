@@ -59,3 +59,22 @@ def test_cli_reports_errors(tmp_path, capsys):
     )
     assert run_train(args) == 2
     assert "holds no images" in capsys.readouterr().err
+
+
+def test_snr_gamma_is_part_of_the_run(tmp_path):
+    from jaxdiff.training.cli import config_from_args
+    from jaxdiff.training.loop import _check_out_dir
+
+    parser = argparse.ArgumentParser(prog="jaxdiff")
+    add_train_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--data", "d", "--out", "o", "--snr-gamma", "5"])
+    assert config_from_args(args).snr_gamma == 5.0
+    # a run written before snr_gamma existed resumes unweighted, and refuses a weighted resume
+    config = _config(tmp_path, resume=True)
+    old = {k: v for k, v in config.run_fields().items() if k != "snr_gamma"}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run.json").write_text(json.dumps(old))
+    assert _check_out_dir(config) is True
+    config.snr_gamma = 5.0
+    with pytest.raises(ValueError, match="different config .*snr_gamma: None -> 5.0"):
+        _check_out_dir(config)
