@@ -93,9 +93,29 @@ def scheduler_class(name: str) -> type:
 
 @dataclass
 class ImagePipelineOutput:
-    """``images``: a list of PIL images, or a float array (B, H, W, C) in [0, 1] for "np"."""
+    """``images``: a list of PIL images, or a float array (B, H, W, C) in [0, 1] for "np".
+
+    Indexed as diffusers' ``BaseOutput``: ``out[0]`` and ``out["images"]`` are ``out.images``;
+    ``out.to_tuple()`` is ``(images,)``.
+    """
 
     images: Any
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return (self.images,)
+
+    def __getitem__(self, index: int | str) -> Any:
+        if isinstance(index, str):
+            if index != "images":
+                raise KeyError(f"{type(self).__name__} has only 'images', not {index!r}")
+            return self.images
+        return self.to_tuple()[index]
+
+
+def pipeline_result(output: ImagePipelineOutput, return_dict: bool, *extra: Any):
+    """What a pipeline returns: ``output``, or as diffusers with ``return_dict=False`` the tuple
+    ``(images, *extra)`` (Stable Diffusion's ``(images, nsfw_content_detected)``, here None)."""
+    return output if return_dict else (output.images, *extra)
 
 
 def _is_model(obj: Any) -> bool:

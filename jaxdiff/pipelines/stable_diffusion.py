@@ -43,7 +43,12 @@ import numpy as np
 from PIL import Image
 
 from jaxdiff import sampling
-from jaxdiff.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput, to_output
+from jaxdiff.pipelines.pipeline_utils import (
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    pipeline_result,
+    to_output,
+)
 from jaxdiff.pipelines.unconditional import resolve_key
 from jaxdiff.schedulers.common import count_steps
 from jaxdiff.utils.tokenizer import tokenize
@@ -229,6 +234,7 @@ _FORWARDED = (
     "progress",
     "clip_skip",
     "use_pmap",
+    "return_dict",
     "strength",
     "sample_posterior",
 )
@@ -491,6 +497,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         progress,
         clip_skip,
         use_pmap,
+        return_dict=True,
         strength=1.0,
         sample_posterior=True,
         image=None,
@@ -628,9 +635,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 out = self._program(spec)(params, batch, scalars, state, pid)
                 out = jax.block_until_ready(out)
         out = np.asarray(out)[:total]
-        if output_type == "latent":
-            return ImagePipelineOutput(images=out)
-        return to_output(out, output_type)
+        output = ImagePipelineOutput(images=out) if output_type == "latent" else None
+        return pipeline_result(output or to_output(out, output_type), return_dict, None)
 
     def _state(self, steps: int, shape: tuple, begin: int, traced: bool, schedule=None):
         """The scheduler state starting at step ``begin`` (of ``steps``, or of the custom
@@ -695,7 +701,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
         use_pmap: bool = False,
-    ) -> ImagePipelineOutput:
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
         """Generates images from text.
 
         Args:
@@ -724,6 +731,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 ``timesteps``; Euler: ``sigmas``, N + 1 values), as diffusers'
                 ``retrieve_timesteps``; N is then its length. New values do not recompile.
             use_pmap: ``jax.pmap`` over local devices instead of the sharded ``jit``.
+            return_dict: False returns the tuple ``(images, None)``, as diffusers' ``(images,
+                nsfw_content_detected)`` without a safety checker.
         """
         return self._run(**_forwarded(locals()))
 
@@ -756,7 +765,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
         use_pmap: bool = False,
-    ) -> ImagePipelineOutput:
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
         """As :class:`StableDiffusionPipeline`, plus:
 
         Args:
@@ -807,7 +817,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
         use_pmap: bool = False,
-    ) -> ImagePipelineOutput:
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
         """As :class:`StableDiffusionPipeline`, plus:
 
         Args:
@@ -874,7 +885,8 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionPipeline):
         clip_skip: int | None = None,
         sample_posterior: bool = True,
         use_pmap: bool = False,
-    ) -> ImagePipelineOutput:
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
         """As :class:`StableDiffusionImg2ImgPipeline`, plus ``depth_map``: (B, H, W) or (H, W)
         array, or PIL image(s), any size (resized to the latents)."""
         if image is None:

@@ -19,7 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import sampling
-from jaxdiff.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput, to_output
+from jaxdiff.pipelines.pipeline_utils import (
+    DiffusionPipeline,
+    ImagePipelineOutput,
+    pipeline_result,
+    to_output,
+)
 from jaxdiff.utils.xla import compiler_options
 
 
@@ -94,6 +99,7 @@ class UnconditionalPipeline(DiffusionPipeline):
         output_type: str = "pil",
         progress: bool = True,
         use_pmap: bool = False,
+        return_dict: bool = True,
         **step_options,
     ) -> ImagePipelineOutput:
         """Generates ``batch_size`` images.
@@ -107,6 +113,7 @@ class UnconditionalPipeline(DiffusionPipeline):
             output_type: ``"pil"`` (list of PIL images) or ``"np"`` (float array in [0, 1]).
             progress: show a progress bar driven from inside the compiled loop.
             use_pmap: run with ``jax.pmap`` instead of a sharded ``jit``.
+            return_dict: False returns the tuple ``(images,)``, as diffusers.
             **step_options: scheduler step options (``eta``, ``use_clipped_model_output`` for
                 DDIM).
         """
@@ -158,7 +165,7 @@ class UnconditionalPipeline(DiffusionPipeline):
                     shape=(padded, h, w, c.in_channels),
                 )
                 images = jax.block_until_ready(images)
-        return to_output(np.asarray(images)[:batch_size], output_type)
+        return pipeline_result(to_output(np.asarray(images)[:batch_size], output_type), return_dict)
 
     def _pmap_sample(self, params, keys, state, step_kwargs, shape):
         unet = self.unet

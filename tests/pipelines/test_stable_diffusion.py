@@ -155,6 +155,10 @@ def test_prompt_embeds_equal_prompts(pipe):
     by_text = pipe(meta["prompt"], **common).images
     by_embeds = pipe(prompt_embeds=embed(meta["prompt"]), **common).images
     np.testing.assert_allclose(by_embeds, by_text, atol=1e-5)
+    # diffusers' return_dict=False: (images, nsfw_content_detected), None without a checker
+    images, nsfw = pipe(meta["prompt"], return_dict=False, **common)
+    assert nsfw is None
+    np.testing.assert_array_equal(images, by_text)
 
 
 @pytest.mark.parametrize("case", ["img2img_ddim", "img2img_euler", "img2img_euler_timesteps"])

@@ -112,6 +112,15 @@ def test_ddpm_pipeline_stochastic_steps_are_reproducible(pipe):
     b = pipe(batch_size=1, num_inference_steps=5, seed=3, output_type="np", progress=False)
     np.testing.assert_array_equal(a.images, b.images)
     assert np.all((a.images >= 0) & (a.images <= 1))
+    # the output indexes as diffusers' BaseOutput; return_dict=False gives the tuple (images,)
+    assert a[0] is a.images and a["images"] is a.images and a.to_tuple() == (a.images,)
+    with pytest.raises(KeyError, match="has only 'images'"):
+        a["nsfw_content_detected"]
+    (c,) = pipe(
+        batch_size=1, num_inference_steps=5, seed=3, output_type="np", progress=False,
+        return_dict=False,
+    )  # fmt: skip
+    np.testing.assert_array_equal(c, a.images)
 
 
 def test_ddim_pipeline_eta_is_traced(tiny_dir):
