@@ -42,26 +42,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _int_list(text: str) -> list[int]:
-    """``"999,850,736"`` -> ``[999, 850, 736]`` (a custom timestep schedule)."""
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers such as 999,850,736, got {text!r}"
-        ) from None
-    return values
+def _number_list(convert: type, example: str):
+    """An argparse type: ``"999,850,736"`` -> ``[999, 850, 736]`` (a custom schedule)."""
+    what = "integers" if convert is int else "numbers"
 
+    def parse(text: str) -> list:
+        try:
+            return [convert(part) for part in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what} such as {example}, got {text!r}"
+            ) from None
 
-def _float_list(text: str) -> list[float]:
-    """``"14.6,6.5,0.0"`` -> ``[14.6, 6.5, 0.0]`` (a custom sigma schedule)."""
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers such as 14.6,6.5,0.0, got {text!r}"
-        ) from None
-    return values
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,15 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_positive_int, default=None, help="inference steps")
     gen.add_argument(
         "--timesteps",
-        type=_int_list,
+        type=_number_list(int, "999,850,736"),
         default=None,
         help="custom schedule instead of --steps, e.g. 999,850,736 (SD; DDPM, Euler, DPM++)",
     )
     gen.add_argument(
         "--sigmas",
-        type=_float_list,
+        type=_number_list(float, "14.6,6.5,0.0"),
         default=None,
-        help="custom sigmas instead of --steps, N+1 values ending in 0 (SD; Euler)",
+        help="custom sigmas instead of --steps: N+1 values, the last usually 0 (SD; Euler)",
     )
     gen.add_argument(
         "--scheduler",
