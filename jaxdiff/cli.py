@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="guidance rescale phi (Lin et al. 2024; SD text2img, e.g. 0.7; default off)",
     )
+    gen.add_argument(
+        "--clip-skip",
+        type=_positive_int,
+        default=None,
+        help="use the text encoder's state this many layers before the last (SD)",
+    )
     gen.add_argument("--height", type=_positive_int, default=None, help="image height (SD)")
     gen.add_argument("--width", type=_positive_int, default=None, help="image width (SD)")
     gen.add_argument("--image", default=None, help="init image file: img2img, or inpaint")
@@ -210,6 +216,7 @@ def _run_pipeline(pipe, args: argparse.Namespace):
         "--mask",
         "--strength",
         "--guidance-rescale",
+        "--clip-skip",
         "--timesteps",
         "--sigmas",
     )
@@ -234,6 +241,7 @@ def _run_pipeline(pipe, args: argparse.Namespace):
         eta=0.0 if args.eta is None else args.eta,
         timesteps=args.timesteps,
         sigmas=args.sigmas,
+        clip_skip=args.clip_skip,
         **common,
     )
     if args.image is None:

@@ -551,7 +551,9 @@ def test_cli_custom_schedule_and_guidance_rescale_equal_the_pipeline_call(pipe, 
     out = tmp_path / "ays.png"
     args = ["generate", "a cat", "--model", str(sd_dir), "--batch", "2", "--no-progress"]
     args += ["--scheduler", "dpm++", "--timesteps", "999,850,500,100", "--seed", "3"]
-    assert cli_main([*args, "--guidance-rescale", "0.7", "--out", str(out)]) == 0
+    assert (
+        cli_main([*args, "--guidance-rescale", "0.7", "--clip-skip", "1", "--out", str(out)]) == 0
+    )
     pipe.scheduler = _scheduler(pipe, "dpm++")
     expected = pipe(
         "a cat",
@@ -559,10 +561,11 @@ def test_cli_custom_schedule_and_guidance_rescale_equal_the_pipeline_call(pipe, 
         seed=3,
         timesteps=[999, 850, 500, 100],
         guidance_rescale=0.7,
+        clip_skip=1,
         progress=False,
     ).images
     np.testing.assert_array_equal(np.asarray(Image.open(out)), make_image_grid(expected, 1, 2))
-    assert not np.array_equal(  # the options reach the pipeline: without phi it differs
+    assert not np.array_equal(  # the options reach the pipeline: without them it differs
         np.asarray(make_image_grid(expected, 1, 2)),
         np.asarray(
             make_image_grid(
