@@ -157,9 +157,10 @@ def generate(args: argparse.Namespace) -> int:
     schedule = [f"--{name}" for name in ("steps", "timesteps", "sigmas") if getattr(args, name)]
     if len(schedule) > 1:
         return _fail(f"give one of --steps, --timesteps and --sigmas, got {' and '.join(schedule)}")
-    if args.model is None and not schedule:
+    if args.model is None:
         args.scheduler = args.scheduler or SHIPPED_MODEL_SAMPLER[0]
-        args.steps = args.steps or SHIPPED_MODEL_SAMPLER[1]
+        if not schedule:
+            args.steps = SHIPPED_MODEL_SAMPLER[1]
     out = os.path.abspath(args.out)
     if not out.lower().endswith(".png"):
         return _fail(f"--out must name a .png file, got {args.out!r}")
