@@ -635,8 +635,11 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 out = self._program(spec)(params, batch, scalars, state, pid)
                 out = jax.block_until_ready(out)
         out = np.asarray(out)[:total]
-        output = ImagePipelineOutput(images=out) if output_type == "latent" else None
-        return pipeline_result(output or to_output(out, output_type), return_dict, None)
+        if output_type == "latent":
+            output = ImagePipelineOutput(images=out)
+        else:
+            output = to_output(out, output_type)
+        return pipeline_result(output, return_dict, None)
 
     def _state(self, steps: int, shape: tuple, begin: int, traced: bool, schedule=None):
         """The scheduler state starting at step ``begin`` (of ``steps``, or of the custom
