@@ -112,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="ddpm, ddim, pndm, euler, euler_a, dpm++ (or a class name); default: the model's",
     )
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        help="LoRA file, folder or repo (SD; diffusers, PEFT or kohya-ss keys); repeatable",
+    )
+    gen.add_argument(
+        "--lora-scale",
+        type=_number_list(float, "0.8,0.5"),
+        default=None,
+        help="LoRA weight: one for all, or one per --lora (default 1)",
+    )
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--batch", type=_positive_int, default=4, help="number of images")
     gen.add_argument("--eta", type=float, default=None, help="DDIM eta (DDIM scheduler only)")
@@ -220,6 +232,8 @@ def _run_pipeline(pipe, args: argparse.Namespace):
         "--clip-skip",
         "--timesteps",
         "--sigmas",
+        "--lora",
+        "--lora-scale",
     )
     if not isinstance(pipe, StableDiffusionPipeline):
         given = [f for f in sd_only if getattr(args, f[2:].replace("-", "_")) is not None]
@@ -234,6 +248,7 @@ def _run_pipeline(pipe, args: argparse.Namespace):
         raise ValueError(f'{type(pipe).__name__} needs a prompt: jaxdiff generate "a photo" ...')
     if args.mask is not None and args.image is None:
         raise ValueError("--mask needs --image (inpainting)")
+    _fuse_loras(pipe, args.lora or [], args.lora_scale)
     sd = dict(
         negative_prompt=args.negative,
         num_inference_steps=args.steps,
@@ -265,6 +280,26 @@ def _run_pipeline(pipe, args: argparse.Namespace):
     inpaint = StableDiffusionInpaintPipeline(params=pipe.params, **pipe.components)
     strength = 1.0 if args.strength is None else args.strength
     return inpaint(args.prompt, image=image, mask_image=mask, strength=strength, **sd)
+
+
+def _fuse_loras(pipe, paths: list[str], scales: list[float] | None) -> None:
+    """Loads each ``--lora`` and fuses them with their ``--lora-scale`` weights into the
+    params, so every task (text2img, img2img, inpaint) runs with them."""
+    if scales is not None and not paths:
+        raise ValueError("--lora-scale needs --lora")
+    if not paths:
+        return
+    scales = scales or [1.0]
+    if len(scales) not in (1, len(paths)):
+        raise ValueError(
+            f"--lora-scale takes one value or one per --lora ({len(paths)}), got {len(scales)}"
+        )
+    names = [f"lora_{i}" for i in range(len(paths))]
+    for name, path in zip(names, paths, strict=True):
+        pipe.load_lora_weights(path, adapter_name=name)
+    pipe.set_adapters(names, scales * len(paths) if len(scales) == 1 else scales)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
 
 
 def bench(argv: list[str]) -> int:

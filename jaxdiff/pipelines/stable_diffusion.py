@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from jaxdiff import sampling
+from jaxdiff.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
 from jaxdiff.pipelines.pipeline_utils import (
     DiffusionPipeline,
     ImagePipelineOutput,
@@ -235,9 +236,22 @@ _FORWARDED = (
     "clip_skip",
     "use_pmap",
     "return_dict",
+    "cross_attention_kwargs",
     "strength",
     "sample_posterior",
 )
+
+
+def _lora_scale(cross_attention_kwargs: Any) -> float | None:
+    """``cross_attention_kwargs["scale"]``: the only entry jaxdiff's attention takes."""
+    if cross_attention_kwargs is None:
+        return None
+    if not isinstance(cross_attention_kwargs, dict) or set(cross_attention_kwargs) - {"scale"}:
+        raise ValueError(
+            "cross_attention_kwargs takes only {'scale': <LoRA scale>}, got "
+            f"{cross_attention_kwargs!r} (jaxdiff has no attention processors)"
+        )
+    return cross_attention_kwargs.get("scale")
 
 
 def _forwarded(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +276,7 @@ class _Spec:
     fresh_start: bool  # inpaint: z_T is pure noise (strength 1 or latents given)
 
 
-class StableDiffusionPipeline(DiffusionPipeline):
+class StableDiffusionPipeline(StableDiffusionLoraLoaderMixin, DiffusionPipeline):
     r"""Text-to-image with Stable Diffusion (*Rombach et al. (2022)*).
 
     ``DiffusionPipeline.from_pretrained(folder)`` returns it for a folder whose
@@ -498,6 +512,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         clip_skip,
         use_pmap,
         return_dict=True,
+        cross_attention_kwargs=None,
         strength=1.0,
         sample_posterior=True,
         image=None,
@@ -617,7 +632,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
             scalars["eta"] = jnp.float32(eta)
         if self.task == "depth2img":
             per_image["depth"] = self._prepare_depth(per_image["depth"], shape[1:3])
-        params = {n: self.params[n] for n in ("unet", "vae", "text_encoder")}
+        params = self._lora_params(
+            ("unet", "vae", "text_encoder"), _lora_scale(cross_attention_kwargs)
+        )
 
         if use_pmap:
             out = self._pmap_run(spec, params, per_image, scalars, steps, begin, schedule)
@@ -705,6 +722,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         sigmas: list[float] | None = None,
         use_pmap: bool = False,
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generates images from text.
 
@@ -736,6 +754,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
             use_pmap: ``jax.pmap`` over local devices instead of the sharded ``jit``.
             return_dict: False returns the tuple ``(images, None)``, as diffusers' ``(images,
                 nsfw_content_detected)`` without a safety checker.
+            cross_attention_kwargs: ``{"scale": s}`` scales the loaded LoRA adapters (UNet and
+                text encoder), as diffusers; new values do not recompile.
         """
         return self._run(**_forwarded(locals()))
 
@@ -769,6 +789,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         sigmas: list[float] | None = None,
         use_pmap: bool = False,
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """As :class:`StableDiffusionPipeline`, plus:
 
@@ -821,6 +842,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         sigmas: list[float] | None = None,
         use_pmap: bool = False,
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """As :class:`StableDiffusionPipeline`, plus:
 
@@ -889,6 +911,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionPipeline):
         sample_posterior: bool = True,
         use_pmap: bool = False,
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """As :class:`StableDiffusionImg2ImgPipeline`, plus ``depth_map``: (B, H, W) or (H, W)
         array, or PIL image(s), any size (resized to the latents)."""
