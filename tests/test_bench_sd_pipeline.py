@@ -20,6 +20,9 @@ import pytest
 from benchmarks import __main__ as runner
 from benchmarks import suite
 
+# the module fixture runs the benchmark once: keep its tests on one worker
+pytestmark = pytest.mark.xdist_group("bench_sd_pipeline")
+
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "diffusers", "transformers"))
 

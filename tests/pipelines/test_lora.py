@@ -22,6 +22,9 @@ from jaxdiff.pipelines import DiffusionPipeline
 from jaxdiff.pipelines.pipeline_utils import scheduler_class
 from tests.reference_io import reference_dir
 
+# one pipeline and one set of reference LoRA files: keep the tests on one worker
+pytestmark = pytest.mark.xdist_group("lora")
+
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
                 "ff.net.2", "conv1", "conv2", "time_emb_proj", "conv_shortcut"]  # fmt: skip
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]

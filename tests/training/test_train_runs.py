@@ -25,6 +25,9 @@ import pytest
 from jaxdiff.training.checkpoints import load_checkpoint_arrays
 from tests.reference_io import relative_l2, requires_reference
 
+# the module fixture trains three runs (minutes): one worker runs it once
+pytestmark = pytest.mark.xdist_group("train_runs")
+
 STEPS = 40
 RUNNER = str(Path(__file__).with_name("_run_cli.py"))
 REPO = Path(__file__).resolve().parents[2]
