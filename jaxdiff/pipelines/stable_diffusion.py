@@ -44,6 +44,7 @@ from PIL import Image
 
 from jaxdiff import sampling
 from jaxdiff.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+from jaxdiff.loaders.textual_inversion import TextualInversionLoaderMixin
 from jaxdiff.pipelines.pipeline_utils import (
     DiffusionPipeline,
     ImagePipelineOutput,
@@ -276,7 +277,9 @@ class _Spec:
     fresh_start: bool  # inpaint: z_T is pure noise (strength 1 or latents given)
 
 
-class StableDiffusionPipeline(StableDiffusionLoraLoaderMixin, DiffusionPipeline):
+class StableDiffusionPipeline(
+    StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin, DiffusionPipeline
+):
     r"""Text-to-image with Stable Diffusion (*Rombach et al. (2022)*).
 
     ``DiffusionPipeline.from_pretrained(folder)`` returns it for a folder whose
@@ -478,6 +481,10 @@ class StableDiffusionPipeline(StableDiffusionLoraLoaderMixin, DiffusionPipeline)
                     f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts: "
                     "give one per prompt, a single string, or None"
                 )
+        prompts, negatives = (
+            self.maybe_convert_prompt(prompts),
+            self.maybe_convert_prompt(negatives),
+        )
         arrays["ids"] = tokenize(self.tokenizer, prompts)
         arrays["negative_ids"] = tokenize(self.tokenizer, negatives, arrays["ids"].shape[1])
         return len(prompts), arrays
