@@ -92,7 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model",
         default=None,
-        help="pipeline folder in diffusers layout or Hub repo id (default: the shipped model)",
+        help="pipeline folder in diffusers layout or Hub repo id (default: the shipped model), "
+        "or an original SD 1.x single-file .safetensors checkpoint",
+    )
+    gen.add_argument(
+        "--config",
+        default=None,
+        help="diffusers pipeline folder or repo with the configs of a single-file --model "
+        "(default: SD 1.5's repo)",
     )
     gen.add_argument("--steps", type=_positive_int, default=None, help="inference steps")
     gen.add_argument(
@@ -158,7 +165,6 @@ def generate(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from jaxdiff import hub
-    from jaxdiff.pipelines import DiffusionPipeline
     from jaxdiff.pipelines.pipeline_utils import scheduler_class
     from jaxdiff.utils.images import grid_shape, make_image_grid
 
@@ -186,7 +192,7 @@ def generate(args: argparse.Namespace) -> int:
         enable_compilation_cache(args.cache_dir)
     try:
         new_scheduler = scheduler_class(args.scheduler) if args.scheduler else None
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=getattr(jnp, args.dtype))
+        pipe = _load_pipeline(model, args.config, getattr(jnp, args.dtype))
     except (hub.HubFileNotFoundError, ValueError, TypeError) as err:
         return _fail(str(err))
     if new_scheduler is not None:
@@ -208,6 +214,18 @@ def generate(args: argparse.Namespace) -> int:
         f"{args.steps} steps) to {out} in {took:.1f} s"
     )
     return 0
+
+
+def _load_pipeline(model: str, config: str | None, dtype):
+    """A pipeline folder or repo, or a single-file checkpoint (with ``--config``)."""
+    from jaxdiff.pipelines import DiffusionPipeline
+    from jaxdiff.pipelines.stable_diffusion import StableDiffusionPipeline
+
+    if os.path.isfile(model):
+        return StableDiffusionPipeline.from_single_file(model, config=config, dtype=dtype)
+    if config is not None:
+        raise ValueError("--config is for a single-file --model checkpoint")
+    return DiffusionPipeline.from_pretrained(model, dtype=dtype)
 
 
 def _run_pipeline(pipe, args: argparse.Namespace):

@@ -44,6 +44,7 @@ from PIL import Image
 
 from jaxdiff import sampling
 from jaxdiff.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+from jaxdiff.loaders.single_file import FromSingleFileMixin
 from jaxdiff.loaders.textual_inversion import TextualInversionLoaderMixin
 from jaxdiff.pipelines.pipeline_utils import (
     DiffusionPipeline,
@@ -278,7 +279,10 @@ class _Spec:
 
 
 class StableDiffusionPipeline(
-    StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin, DiffusionPipeline
+    StableDiffusionLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+    FromSingleFileMixin,
+    DiffusionPipeline,
 ):
     r"""Text-to-image with Stable Diffusion (*Rombach et al. (2022)*).
 

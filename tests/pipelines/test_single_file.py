@@ -1,0 +1,129 @@
+"""``StableDiffusionPipeline.from_single_file`` on an LDM-layout checkpoint of the tiny SD
+pipeline. The checkpoint is written with jaxdiff's key tables; diffusers' own
+``from_single_file`` reading it back into the original weights is what proves the tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdiff.loaders.safetensors_io import load_file, save_file
+from jaxdiff.loaders.single_file import CLIP_PREFIX, diffusers_to_ldm_keys
+from jaxdiff.loaders.state_dict import WeightLoadError
+from jaxdiff.pipelines.stable_diffusion import StableDiffusionPipeline
+from tests.reference_io import reference_dir
+
+pytestmark = [
+    pytest.mark.xdist_group("single_file"),  # one checkpoint and pipeline for the module
+    pytest.mark.filterwarnings("ignore:.*clip_sample"),  # SD 1.5's PNDM config carries it
+]
+
+
+@pytest.fixture(scope="module")
+def sd_dir() -> Path:
+    return reference_dir("pipelines_stable_diffusion") / "sd_tiny"
+
+
+def _ldm_checkpoint(sd_dir: Path) -> dict[str, np.ndarray]:
+    ckpt = {}
+    for comp in ("unet", "vae"):
+        weights = load_file(sd_dir / comp / "diffusion_pytorch_model.safetensors")
+        config = json.loads((sd_dir / comp / "config.json").read_text())
+        for key, ldm in diffusers_to_ldm_keys(list(weights), config, comp).items():
+            value = weights[key]
+            if comp == "vae" and ".attentions." in key and key.endswith("weight") and value.ndim == 2:  # fmt: skip
+                value = value[:, :, None, None]  # LDM's attention projections are 1x1 convs
+            ckpt[ldm] = value
+    for key, value in load_file(sd_dir / "text_encoder" / "model.safetensors").items():
+        ckpt[CLIP_PREFIX + ("" if key.startswith("text_model.") else "text_model.") + key] = value
+    # what real checkpoints also carry, and loaders skip
+    ckpt["alphas_cumprod"] = np.linspace(1, 0, 1000, dtype=np.float32)
+    ckpt["model_ema.decay"] = np.float32(0.9999)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(sd_dir, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("single") / "sd_tiny.safetensors"
+    save_file(_ldm_checkpoint(sd_dir), path)
+    return path
+
+
+@pytest.mark.parity
+def test_diffusers_reads_the_checkpoint_back(sd_dir, ckpt_path):
+    """diffusers' converter maps the checkpoint onto the original weights: jaxdiff's tables
+    (used to write it) and diffusers' agree."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    kw = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
+    single = diffusers.StableDiffusionPipeline.from_single_file(str(ckpt_path), config=str(sd_dir), **kw)  # fmt: skip
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(sd_dir, **kw)
+    for comp in ("unet", "vae", "text_encoder"):
+        want = getattr(ref, comp).state_dict()
+        got = getattr(single, comp).state_dict()
+        assert sorted(got) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k].numpy(), want[k].numpy(), err_msg=f"{comp} {k}")
+
+
+def test_from_single_file_equals_from_pretrained(sd_dir, ckpt_path):
+    pipe = StableDiffusionPipeline.from_single_file(ckpt_path, config=sd_dir)
+    ref = StableDiffusionPipeline.from_pretrained(sd_dir)
+    assert type(pipe.scheduler) is type(ref.scheduler) and pipe.unet.config == ref.unet.config
+    for comp in ("unet", "vae", "text_encoder"):
+        flat = jax.tree_util.tree_leaves_with_path(pipe.params[comp])
+        want = dict(jax.tree_util.tree_leaves_with_path(ref.params[comp]))
+        assert len(flat) == len(want)
+        for path, leaf in flat:
+            np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want[path]))
+    kw = dict(num_inference_steps=2, output_type="np", seed=0, progress=False)
+    np.testing.assert_array_equal(pipe("a cat", **kw).images, ref("a cat", **kw).images)
+
+
+def test_extract_ema_and_errors(sd_dir, tmp_path):
+    ckpt = _ldm_checkpoint(sd_dir)
+    key = "model.diffusion_model.input_blocks.0.0.weight"  # conv_in
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v * 2 for k, v in ckpt.items() if k.startswith("model.")}  # fmt: skip
+    save_file({**ckpt, **ema}, tmp_path / "ema.safetensors")
+    pipe = StableDiffusionPipeline.from_single_file(tmp_path / "ema.safetensors", config=sd_dir, extract_ema=True)  # fmt: skip
+    kernel = np.asarray(pipe.params["unet"]["conv_in"]["kernel"])  # HWIO
+    np.testing.assert_array_equal(kernel, 2 * ckpt[key].transpose(2, 3, 1, 0))
+
+    broken = dict(ckpt)
+    del broken[key]
+    broken["model.diffusion_model.input_blocks.99.0.in_layers.0.weight"] = np.zeros(4, np.float32)
+    save_file(broken, tmp_path / "broken.safetensors")
+    with pytest.raises(WeightLoadError) as err:
+        StableDiffusionPipeline.from_single_file(tmp_path / "broken.safetensors", config=sd_dir)
+    assert "1 missing keys: conv_in.weight" in str(err.value)
+    assert "input_blocks.99.0.in_layers.0.weight" in str(err.value)
+
+    no_clip = {k: v for k, v in ckpt.items() if not k.startswith(CLIP_PREFIX)}
+    save_file(no_clip, tmp_path / "v2.safetensors")
+    with pytest.raises(ValueError, match="only Stable Diffusion 1.x"):
+        StableDiffusionPipeline.from_single_file(tmp_path / "v2.safetensors", config=sd_dir)
+    (tmp_path / "model.ckpt").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        StableDiffusionPipeline.from_single_file(tmp_path / "model.ckpt", config=sd_dir)
+    with pytest.raises(FileNotFoundError, match="neither a local checkpoint file"):
+        StableDiffusionPipeline.from_single_file(tmp_path / "missing.safetensors", config=sd_dir)
+
+
+def test_cli_generates_from_a_single_file(sd_dir, ckpt_path, tmp_path, capsys):
+    from PIL import Image
+
+    from jaxdiff.cli import main as cli_main
+
+    args = ["generate", "a cat", "--model", str(ckpt_path), "--config", str(sd_dir), "--steps",
+            "2", "--batch", "1", "--no-progress", "--out", str(tmp_path / "a.png")]  # fmt: skip
+    assert cli_main(args) == 0
+    ref = StableDiffusionPipeline.from_pretrained(sd_dir)
+    want = ref("a cat", num_inference_steps=2, seed=0, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(want))
+    args = ["generate", "a cat", "--model", str(sd_dir), "--config", str(sd_dir)]
+    assert cli_main([*args, "--out", str(tmp_path / "b.png")]) == 2
+    assert "--config is for a single-file --model" in capsys.readouterr().err
