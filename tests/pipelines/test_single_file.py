@@ -127,3 +127,40 @@ def test_cli_generates_from_a_single_file(sd_dir, ckpt_path, tmp_path, capsys):
     args = ["generate", "a cat", "--model", str(sd_dir), "--config", str(sd_dir)]
     assert cli_main([*args, "--out", str(tmp_path / "b.png")]) == 2
     assert "--config is for a single-file --model" in capsys.readouterr().err
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("component", ["unet", "vae"])
+def test_key_tables_at_the_sd15_config_match_diffusers(component):
+    """Every SD 1.5 weight key through jaxdiff's table to the LDM layout, and back through
+    diffusers' converter: each arrives at its own name (tagged values, no weights needed)."""
+    pytest.importorskip("torch")
+    from diffusers.loaders import single_file_utils as sfu
+
+    from jaxdiff.loaders.state_dict import key_table
+    from jaxdiff.models.autoencoder_kl import AutoencoderKL
+    from jaxdiff.models.unet_2d_condition import UNet2DConditionModel, sd15_config
+
+    if component == "unet":
+        model = UNet2DConditionModel(**sd15_config())
+        convert = sfu.convert_ldm_unet_checkpoint
+    else:  # stabilityai/sd-vae-ft-mse, the SD 1.5 VAE
+        config = dict(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            sample_size=512,
+        )
+        model = AutoencoderKL.from_config(config)
+        convert = sfu.convert_ldm_vae_checkpoint
+    table = key_table(model.param_shapes(), model._list_names, type(model)._torch_rename)
+    keys = [key for key, _ in table.values()]
+    assert len(keys) == (686 if component == "unet" else 248)
+    mapping = diffusers_to_ldm_keys(keys, dict(model.config), component)
+    assert len(set(mapping.values())) == len(keys)  # one LDM key each
+    tagged = {ldm: np.array([i], np.float32) for i, ldm in enumerate(mapping.values())}
+    back = convert(tagged, dict(model.config))
+    assert sorted(back) == sorted(keys)
+    for i, key in enumerate(mapping):
+        assert float(np.asarray(back[key])[0]) == i, key
