@@ -18,8 +18,7 @@ from flax import traverse_util
 
 from jaxdiff.loaders.lora import LoraLoadError, delta, lora_targets
 from jaxdiff.loaders.safetensors_io import save_file
-from jaxdiff.pipelines import DiffusionPipeline
-from jaxdiff.pipelines.pipeline_utils import scheduler_class
+from tests.pipelines.sd_helpers import diffusers_sd_pipe, jaxdiff_sd_pipe
 from tests.reference_io import reference_dir
 
 # one pipeline and one set of reference LoRA files: keep the tests on one worker
@@ -36,16 +35,9 @@ def sd_dir() -> Path:
     return reference_dir("pipelines_stable_diffusion") / "sd_tiny"
 
 
-def _pipe(sd_dir):
-    with pytest.warns(UserWarning, match="clip_sample"):
-        pipe = DiffusionPipeline.from_pretrained(sd_dir)
-    pipe.scheduler = scheduler_class("ddim").from_config(pipe.scheduler.config)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def shared_pipe(sd_dir):
-    return _pipe(sd_dir)
+    return jaxdiff_sd_pipe(sd_dir)
 
 
 @pytest.fixture()
@@ -106,22 +98,11 @@ def lora_files(sd_dir, tmp_path_factory):
     }
 
 
-def _diffusers_pipe(sd_dir):
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    ref = diffusers.StableDiffusionPipeline.from_pretrained(  # the text encoder is stored fp16
-        sd_dir, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
-    )
-    ref.scheduler = diffusers.DDIMScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    return ref
-
-
 # ------------------------------------------------------------------ parity
 @pytest.mark.parity
 @pytest.mark.parametrize("fmt", ["peft", "kohya_unet"])
 def test_fused_unet_weights_match_diffusers(sd_dir, pipe, lora_files, fmt):
-    ref = _diffusers_pipe(sd_dir)
+    ref = diffusers_sd_pipe(sd_dir)
     base = {k: v.numpy().copy() for k, v in ref.unet.state_dict().items()}
     ref.load_lora_weights(str(lora_files[fmt]))
     ref.fuse_lora(components=["unet"], lora_scale=0.7)
@@ -156,7 +137,7 @@ def test_text_encoder_lora_matches_peft(sd_dir, pipe, lora_files):
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import set_peft_model_state_dict
 
-    ref = _diffusers_pipe(sd_dir)
+    ref = diffusers_sd_pipe(sd_dir)
     cfg = peft.LoraConfig(r=2, lora_alpha=KOHYA_TE_ALPHA, target_modules=TE_TARGETS)
     peft.inject_adapter_in_model(cfg, ref.text_encoder)
     state = {k: torch.from_numpy(v) for k, v in lora_files["te_state"].items()}
@@ -191,7 +172,7 @@ def test_text_encoder_lora_matches_peft(sd_dir, pipe, lora_files):
 def test_two_adapters_with_weights_and_scale_match_diffusers(sd_dir, pipe, lora_files):
     """The unfused path: two adapters, set_adapters weights and cross_attention_kwargs."""
     torch = pytest.importorskip("torch")
-    ref = _diffusers_pipe(sd_dir)
+    ref = diffusers_sd_pipe(sd_dir)
     ref.load_lora_weights(str(lora_files["peft"]), adapter_name="a")
     ref.load_lora_weights(str(lora_files["kohya_unet"]), adapter_name="b")
     ref.set_adapters(["a", "b"], adapter_weights=[0.6, -0.3])

@@ -80,8 +80,6 @@ def test_from_single_file_equals_from_pretrained(sd_dir, ckpt_path):
         assert len(flat) == len(want)
         for path, leaf in flat:
             np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want[path]))
-    kw = dict(num_inference_steps=2, output_type="np", seed=0, progress=False)
-    np.testing.assert_array_equal(pipe("a cat", **kw).images, ref("a cat", **kw).images)
 
 
 def test_extract_ema_and_errors(sd_dir, tmp_path):
