@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         default=None,
         help="pipeline folder in diffusers layout or Hub repo id (default: the shipped model), "
-        "or an original SD 1.x single-file .safetensors checkpoint",
+        "or an original SD 1.x/2.x single-file .safetensors checkpoint",
     )
     gen.add_argument(
         "--config",

@@ -17,7 +17,8 @@ An LDM checkpoint holds the UNet under ``model.diffusion_model.``, the VAE under
   ``q/k/v/proj_out`` are 1x1 convolutions that become linear layers.
 
 Only the non-EMA weights are read unless ``extract_ema=True`` (then ``model_ema.<key without
-dots>``), as diffusers. SD 2.x checkpoints (OpenCLIP text encoder) are not read yet. The tables are explicit and strict: a key under a component's prefix
+dots>``), as diffusers. SD 2.x checkpoints hold an OpenCLIP text transformer under
+``cond_stage_model.model.`` instead (:func:`open_clip_text_encoder`). The tables are explicit and strict: a key under a component's prefix
 that does not map, or a weight the model lacks, is reported by the component's loader.
 """
 
@@ -27,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff import hub
 from jaxdiff.loaders import state_dict as sd
@@ -36,6 +38,22 @@ from jaxdiff.loaders.weights import read_state_dict
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+_OPEN_CLIP = {
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "attn.out_proj": "self_attn.out_proj",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+# What OpenCLIP keeps beside the text transformer and CLIPTextModel has no use for.
+_OPEN_CLIP_UNUSED = ("text_projection", "logit_scale")
 _RESNET = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -146,6 +164,41 @@ def diffusers_to_ldm_keys(keys: list[str], config: Mapping[str, Any], component:
     return {k: prefix + _to_ldm(k, table, _inner(component)) for k in keys}
 
 
+def open_clip_text_encoder(checkpoint: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """SD 2.x's OpenCLIP text transformer (``cond_stage_model.model.``) -> transformers
+    ``CLIPTextModel`` keys: ``resblocks.i`` -> ``encoder.layers.i``, the fused
+    ``attn.in_proj_{weight,bias}`` split into q, k, v; blocks from ``num_layers`` on (SD 2.x
+    uses the penultimate of 24) and the projection heads are dropped, as diffusers does."""
+    out: dict[str, Any] = {}
+    for key, value in checkpoint.items():
+        if not key.startswith(OPEN_CLIP_PREFIX):
+            continue
+        name = key[len(OPEN_CLIP_PREFIX) :]
+        if name in _OPEN_CLIP:
+            out[_OPEN_CLIP[name]] = value
+            continue
+        if name in _OPEN_CLIP_UNUSED:
+            continue
+        parts = name.split(".")
+        if name.startswith("transformer.resblocks.") and len(parts) > 3 and parts[2].isdigit():
+            i, rest = int(parts[2]), ".".join(parts[3:])
+            if i >= num_layers:
+                continue
+            layer = f"text_model.encoder.layers.{i}"
+            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                leaf = rest.rsplit("_", 1)[1]
+                q, k, v = np.split(np.asarray(value), 3, axis=0)
+                for proj, part in (("q", q), ("k", k), ("v", v)):
+                    out[f"{layer}.self_attn.{proj}_proj.{leaf}"] = part
+                continue
+            module, _, leaf = rest.rpartition(".")
+            if module in _OPEN_CLIP_LAYER:
+                out[f"{layer}.{_OPEN_CLIP_LAYER[module]}.{leaf}"] = value
+                continue
+        out[key] = value  # reported as unexpected by the strict loader
+    return out
+
+
 def ldm_component(
     checkpoint: Mapping[str, Any],
     component: str,
@@ -158,6 +211,8 @@ def ldm_component(
     LDM keys under the component's prefix that none of them maps to are kept under their own
     names, so the strict loader names them as unexpected."""
     if component == "text_encoder":
+        if any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint):
+            return open_clip_text_encoder(checkpoint, config["num_hidden_layers"])
         return {
             k[len(CLIP_PREFIX) :]: v for k, v in checkpoint.items() if k.startswith(CLIP_PREFIX)
         }
@@ -182,8 +237,11 @@ def ldm_component(
     return out
 
 
-# diffusers' default config repo per checkpoint kind (single_file_utils.DIFFUSERS_DEFAULT_PIPELINE_PATHS)
-DEFAULT_CONFIG_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# diffusers' default config repos (single_file_utils.DIFFUSERS_DEFAULT_PIPELINE_PATHS)
+DEFAULT_CONFIG_REPOS = {
+    "v1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "v2": "stabilityai/stable-diffusion-2-1",
+}
 
 
 class FromSingleFileMixin:
@@ -199,14 +257,15 @@ class FromSingleFileMixin:
         allow_pickle: bool = False,
         **kwargs,
     ):
-        """Loads an original (CompVis/LDM-layout) Stable Diffusion 1.x checkpoint.
+        """Loads an original (CompVis/LDM-layout) Stable Diffusion 1.x or 2.x checkpoint.
 
         Args:
             pretrained_model_link_or_path: a local ``.safetensors`` file, or
                 ``"owner/repo/file.safetensors"`` on the Hub.
             config: a diffusers pipeline folder or repo whose ``model_index.json`` and
-                component configs describe the checkpoint (default: SD 1.5's repo, fetched
-                through the Hub cache), as diffusers' ``config=``.
+                component configs describe the checkpoint (default: SD 1.5's or SD 2.1's
+                repo, by the text encoder's layout, through the Hub cache), as diffusers'
+                ``config=``.
             dtype: the compute dtype.
             extract_ema: read the UNet's EMA weights (``model_ema.*``) instead.
             allow_pickle: also read ``.ckpt`` files (``torch.load(weights_only=True)``).
@@ -231,13 +290,15 @@ class FromSingleFileMixin:
                 f"{path} is a pickled checkpoint; pass allow_pickle=True to read it "
                 "(torch.load(weights_only=True)), or convert it to safetensors"
             )
-        if not any(k.startswith(CLIP_PREFIX) for k in checkpoint):
-            kind = "SD 2.x / OpenCLIP" if any(k.startswith("cond_stage_model.model.") for k in checkpoint) else "unknown"  # fmt: skip
+        open_clip = any(k.startswith(OPEN_CLIP_PREFIX) for k in checkpoint)
+        if not open_clip and not any(k.startswith(CLIP_PREFIX) for k in checkpoint):
             raise ValueError(
-                f"{path} has no {CLIP_PREFIX}* keys ({kind} layout): only Stable Diffusion "
-                "1.x single-file checkpoints are read; convert others with diffusers first"
+                f"{path} has neither {CLIP_PREFIX}* (SD 1.x) nor {OPEN_CLIP_PREFIX}* (SD 2.x) "
+                "text-encoder keys: it is not a Stable Diffusion 1.x/2.x checkpoint that "
+                "from_single_file reads (SDXL and others: convert them with diffusers first)"
             )
-        config = config if config is not None else DEFAULT_CONFIG_REPO
+        if config is None:
+            config = DEFAULT_CONFIG_REPOS["v2" if open_clip else "v1"]
         models = {}
         for comp, model_cls in (
             ("unet", UNet2DConditionModel),

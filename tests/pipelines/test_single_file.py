@@ -12,9 +12,15 @@ import numpy as np
 import pytest
 
 from jaxdiff.loaders.safetensors_io import load_file, save_file
-from jaxdiff.loaders.single_file import CLIP_PREFIX, diffusers_to_ldm_keys
+from jaxdiff.loaders.single_file import (
+    CLIP_PREFIX,
+    OPEN_CLIP_PREFIX,
+    diffusers_to_ldm_keys,
+    open_clip_text_encoder,
+)
 from jaxdiff.loaders.state_dict import WeightLoadError
 from jaxdiff.pipelines.stable_diffusion import StableDiffusionPipeline
+from tests.pipelines.sd_helpers import diffusers_sd_pipe
 from tests.reference_io import reference_dir
 
 pytestmark = [
@@ -102,7 +108,7 @@ def test_extract_ema_and_errors(sd_dir, tmp_path):
 
     no_clip = {k: v for k, v in ckpt.items() if not k.startswith(CLIP_PREFIX)}
     save_file(no_clip, tmp_path / "v2.safetensors")
-    with pytest.raises(ValueError, match="only Stable Diffusion 1.x"):
+    with pytest.raises(ValueError, match="neither cond_stage_model"):
         StableDiffusionPipeline.from_single_file(tmp_path / "v2.safetensors", config=sd_dir)
     (tmp_path / "model.ckpt").write_bytes(b"not read")
     with pytest.raises(ValueError, match="allow_pickle=True"):
@@ -162,3 +168,60 @@ def test_key_tables_at_the_sd15_config_match_diffusers(component):
     assert sorted(back) == sorted(keys)
     for i, key in enumerate(mapping):
         assert float(np.asarray(back[key])[0]) == i, key
+
+
+def _open_clip_checkpoint(sd_dir: Path) -> dict[str, np.ndarray]:
+    """The tiny checkpoint with its text encoder in SD 2.x's OpenCLIP layout, one extra
+    resblock (as SD 2.x's unused 24th) and the projection heads."""
+    ckpt = {k: v for k, v in _ldm_checkpoint(sd_dir).items() if not k.startswith(CLIP_PREFIX)}
+    te = load_file(sd_dir / "text_encoder" / "model.safetensors")
+    te = {k.removeprefix("text_model."): v for k, v in te.items()}
+    p = OPEN_CLIP_PREFIX
+    ckpt[p + "positional_embedding"] = te["embeddings.position_embedding.weight"]
+    ckpt[p + "token_embedding.weight"] = te["embeddings.token_embedding.weight"]
+    n = json.loads((sd_dir / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
+    for i, src in [(i, i) for i in range(n)] + [(n, 0)]:  # block n: a copy, to be dropped
+        src, dst = f"encoder.layers.{src}.", f"{p}transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            ckpt[f"{dst}ln_1.{leaf}"] = te[f"{src}layer_norm1.{leaf}"]
+            ckpt[f"{dst}ln_2.{leaf}"] = te[f"{src}layer_norm2.{leaf}"]
+            qkv = [te[f"{src}self_attn.{x}_proj.{leaf}"] for x in "qkv"]
+            ckpt[f"{dst}attn.in_proj_{leaf}"] = np.concatenate(qkv)
+            ckpt[f"{dst}attn.out_proj.{leaf}"] = te[f"{src}self_attn.out_proj.{leaf}"]
+            ckpt[f"{dst}mlp.c_fc.{leaf}"] = te[f"{src}mlp.fc1.{leaf}"]
+            ckpt[f"{dst}mlp.c_proj.{leaf}"] = te[f"{src}mlp.fc2.{leaf}"]
+    ckpt[p + "ln_final.weight"] = te["final_layer_norm.weight"]
+    ckpt[p + "ln_final.bias"] = te["final_layer_norm.bias"]
+    width = te["final_layer_norm.weight"].shape[0]
+    ckpt[p + "text_projection"] = np.eye(width, dtype=np.float32)
+    ckpt[p + "logit_scale"] = np.float32(4.6)
+    return ckpt
+
+
+def test_open_clip_text_encoder_sd2_layout(sd_dir, tmp_path):
+    ckpt = _open_clip_checkpoint(sd_dir)
+    save_file(ckpt, tmp_path / "sd2.safetensors")
+    pipe = StableDiffusionPipeline.from_single_file(tmp_path / "sd2.safetensors", config=sd_dir)
+    ref = StableDiffusionPipeline.from_pretrained(sd_dir)
+    got = pipe.text_encoder.state_dict(pipe.params["text_encoder"])
+    want = ref.text_encoder.state_dict(ref.params["text_encoder"])
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parity
+def test_open_clip_conversion_matches_diffusers(sd_dir):
+    torch = pytest.importorskip("torch")
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    ref = diffusers_sd_pipe(sd_dir)
+    ckpt = {k: torch.from_numpy(np.array(v)) for k, v in _open_clip_checkpoint(sd_dir).items()}
+    theirs = convert_open_clip_checkpoint(ref.text_encoder, ckpt)
+    ours = open_clip_text_encoder(_open_clip_checkpoint(sd_dir), ref.text_encoder.config.num_hidden_layers)  # fmt: skip
+    assert set(ours) <= set(
+        theirs
+    )  # diffusers also keeps the extra block (it drops SD 2's 24th by name)
+    assert len(ours) == len(ref.text_encoder.state_dict())
+    for k, v in ours.items():
+        np.testing.assert_array_equal(np.asarray(v), theirs[k].numpy(), err_msg=k)
