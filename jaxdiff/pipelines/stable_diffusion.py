@@ -302,6 +302,27 @@ class StableDiffusionPipeline(
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    # ------------------------------------------------------------------ VAE memory savers
+    def enable_vae_slicing(self) -> None:
+        """Decode (and encode) one image at a time, as diffusers' ``enable_vae_slicing``."""
+        self._vae_options(use_slicing=True)
+
+    def disable_vae_slicing(self) -> None:
+        self._vae_options(use_slicing=False)
+
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode) large images in overlapping, blended tiles of the VAE's
+        ``sample_size``, as diffusers' ``enable_vae_tiling``."""
+        self._vae_options(use_tiling=True)
+
+    def disable_vae_tiling(self) -> None:
+        self._vae_options(use_tiling=False)
+
+    def _vae_options(self, **fields: bool) -> None:
+        """The VAE module with new runtime fields (its params unchanged); recompiles once."""
+        if any(getattr(self.vae, k) != v for k, v in fields.items()):
+            self.vae = (self.vae.clone(**fields), self.params["vae"])
+
     # ------------------------------------------------------------------ the program
     def _encode_text(self, params, ids, clip_skip):
         out = self.text_encoder.apply(

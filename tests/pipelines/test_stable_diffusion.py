@@ -377,6 +377,33 @@ def test_saved_pipeline_loads_in_diffusers(pipe, tmp_path):
     _assert_matches(got.images, want)
 
 
+# ------------------------------------------------------------------ VAE memory savers
+@pytest.mark.parity
+def test_vae_tiling_and_slicing_match_diffusers(pipe, sd_dir):
+    """128x128 images: 16x16 latents decoded in 8x8 tiles (the VAE's sample_size 64 / 8)."""
+    torch = pytest.importorskip("torch")
+    from tests.pipelines.sd_helpers import diffusers_sd_pipe
+
+    ref = diffusers_sd_pipe(sd_dir)
+    ref.vae.enable_tiling()
+    ref.vae.enable_slicing()
+    latents = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+    kw = dict(num_inference_steps=2, height=128, width=128, output_type="np")
+    with torch.no_grad():
+        want = ref(["a cat", "a dog"], latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), **kw).images  # fmt: skip
+    pipe.scheduler = _scheduler(pipe, "ddim")
+    plain = pipe(["a cat", "a dog"], latents=latents, seed=0, progress=False, **kw).images
+    pipe.enable_vae_tiling()
+    pipe.enable_vae_slicing()
+    assert pipe.vae.use_tiling and pipe.vae.use_slicing
+    got = pipe(["a cat", "a dog"], latents=latents, seed=0, progress=False, **kw).images
+    pipe.disable_vae_tiling()
+    pipe.disable_vae_slicing()
+    assert not (pipe.vae.use_tiling or pipe.vae.use_slicing)
+    _assert_matches(got, want)
+    assert np.abs(got - plain).max() > 1e-3  # the tiles' seams: tiling really ran
+
+
 # ------------------------------------------------------------------ bad input
 def test_bad_input_errors(pipe, sd_dir):
     kw = dict(num_inference_steps=2, progress=False, seed=0)
