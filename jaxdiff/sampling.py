@@ -14,7 +14,8 @@ Classifier-free guidance (Ho & Salimans 2022, Eq. 6) is a model-function wrapper
 
 Batches are sharded over all local devices with :func:`shard_batch` (``jax.sharding``: the
 batch axis split over a 1-D mesh, the params replicated), or run with ``jax.pmap`` through
-:func:`pmap_denoise`. A progress bar can be fed from inside the scan (:class:`ScanProgress`).
+:func:`pmap_denoise`. A progress bar can be fed from inside the scan (:class:`ScanProgress`),
+and a host function can see and change the latents after each step (:class:`StepCallback`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,69 @@ class ScanProgress:
         """Called inside the scan body; a no-op when ``progress_id`` is None."""
         if progress_id is not None:
             jax.debug.callback(cls._update, progress_id, i)
+
+
+# ----------------------------------------------------------------------------- step callbacks
+class StepCallback:
+    """A Python function called on the host after each step of a compiled loop, which may
+    return new latents (diffusers' ``callback_on_step_end``), through ``io_callback``.
+
+    As :class:`ScanProgress`, the program carries only an integer id, so a new function never
+    recompiles: ``with StepCallback(fn, n_images) as cb: f(..., callback_id=cb.id)``. ``fn(i,
+    t, latents)`` gets the step index, the timestep and the (n_images, h, w, c) latents as
+    numpy, and returns new latents of that shape or None. An exception inside ``fn`` is kept
+    and raised again by ``__exit__``, after the program: the loop itself goes on with the
+    latents unchanged.
+    """
+
+    _fns: dict[int, StepCallback] = {}
+    _ids = itertools.count(1)
+    _lock = threading.Lock()
+
+    def __init__(self, fn: Callable, n_images: int):
+        self.id = next(self._ids)
+        self.fn, self.n_images, self.error = fn, int(n_images), None
+
+    def __enter__(self) -> StepCallback:
+        with self._lock:
+            self._fns[self.id] = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._fns.pop(self.id, None)
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+    @classmethod
+    def _host(cls, cb_id: np.ndarray, i: np.ndarray, t: np.ndarray, x: np.ndarray) -> np.ndarray:
+        with cls._lock:
+            cb = cls._fns.get(int(cb_id))
+        x = np.asarray(x)
+        if cb is None or cb.error is not None:
+            return x
+        try:
+            new = cb.fn(int(i), t.item(), x[: cb.n_images].copy())
+            if new is None:
+                return x
+            new = np.asarray(new)
+            if new.shape != (cb.n_images, *x.shape[1:]):
+                raise ValueError(
+                    f"callback_on_step_end returned latents of shape {new.shape}; expected "
+                    f"{(cb.n_images, *x.shape[1:])} (images, h, w, c; NHWC)"
+                )
+            return np.concatenate([new.astype(x.dtype), x[cb.n_images :]])
+        except Exception as err:  # noqa: BLE001 - raised again after the program
+            cb.error = err
+            return x
+
+    @classmethod
+    def apply(cls, callback_id: jax.Array, i: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
+        """Inside the loop body: ``x`` after the host function of ``callback_id``."""
+        from jax.experimental import io_callback
+
+        shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return io_callback(cls._host, shape, callback_id, i, t, x, ordered=True)
 
 
 # ----------------------------------------------------------------------------- the driver

@@ -31,6 +31,7 @@ on the batch it was made in, its padding or the device count.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import numbers
 from dataclasses import dataclass
@@ -239,6 +240,8 @@ _FORWARDED = (
     "use_pmap",
     "return_dict",
     "cross_attention_kwargs",
+    "callback_on_step_end",
+    "callback_on_step_end_tensor_inputs",
     "strength",
     "sample_posterior",
 )
@@ -276,6 +279,7 @@ class _Spec:
     traced_steps: bool
     sample_posterior: bool
     fresh_start: bool  # inpaint: z_T is pure noise (strength 1 or latents given)
+    step_callback: bool = False  # callback_on_step_end (its id is an argument)
 
 
 class StableDiffusionPipeline(
@@ -423,6 +427,14 @@ class StableDiffusionPipeline(
                             known = jnp.where(i < n_steps - 1, known, z_image)
                             return (1 - mask_lat) * known + mask_lat * x_prev
 
+            if spec.step_callback:  # after the inpaint blend, as diffusers
+                blend = post_step
+
+                def post_step(x_prev, i):
+                    x_prev = blend(x_prev, i) if blend is not None else x_prev
+                    t = state.timesteps[i]
+                    return sampling.StepCallback.apply(scalars["callback_id"], i - begin, t, x_prev)
+
             def model_fn(x, t):
                 if extra is not None:
                     x = jnp.concatenate(
@@ -545,6 +557,8 @@ class StableDiffusionPipeline(
         use_pmap,
         return_dict=True,
         cross_attention_kwargs=None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=None,
         strength=1.0,
         sample_posterior=True,
         image=None,
@@ -654,6 +668,7 @@ class StableDiffusionPipeline(
             traced_steps=traced,
             sample_posterior=bool(sample_posterior),
             fresh_start=latents is not None or strength == 1.0,
+            step_callback=callback_on_step_end is not None,
         )
         scalars = {"guidance_scale": jnp.float32(guidance_scale)}
         if guidance_rescale is not None:  # text2img: always traced, so a new value never recompiles
@@ -668,6 +683,11 @@ class StableDiffusionPipeline(
             ("unet", "vae", "text_encoder"), _lora_scale(cross_attention_kwargs)
         )
 
+        callback = self._step_callback(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, total, use_pmap
+        )
+        if callback is not None:
+            scalars["callback_id"] = jnp.int32(callback.id)
         if use_pmap:
             out = self._pmap_run(spec, params, per_image, scalars, steps, begin, schedule)
         else:
@@ -679,7 +699,10 @@ class StableDiffusionPipeline(
                 batch = {k: sampling.shard_batch(v, mesh) for k, v in batch.items()}
                 params = sampling.replicate(params, mesh)
             total_steps = int(more.get("num_steps", state.timesteps.shape[0])) - begin
-            with sampling.ScanProgress(total_steps, enabled=progress) as bar:
+            with (
+                sampling.ScanProgress(total_steps, enabled=progress) as bar,
+                callback if callback is not None else contextlib.nullcontext(),
+            ):
                 pid = jnp.asarray(bar.id) if progress else None
                 out = self._program(spec)(params, batch, scalars, state, pid)
                 out = jax.block_until_ready(out)
@@ -689,6 +712,30 @@ class StableDiffusionPipeline(
         else:
             output = to_output(out, output_type)
         return pipeline_result(output, return_dict, None)
+
+    def _step_callback(self, fn, tensor_inputs, n_images: int, use_pmap: bool):
+        """diffusers' ``callback_on_step_end(pipe, i, t, {"latents": ...}) -> dict`` as a
+        :class:`~jaxdiff.sampling.StepCallback`, or None."""
+        if fn is None:
+            if tensor_inputs is not None:
+                raise ValueError("callback_on_step_end_tensor_inputs needs callback_on_step_end")
+            return None
+        if not callable(fn):
+            raise TypeError(f"callback_on_step_end must be callable, got {fn!r}")
+        names = ["latents"] if tensor_inputs is None else list(tensor_inputs)
+        if names != ["latents"]:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs: jaxdiff passes only ['latents'] (NHWC), "
+                f"got {names}"
+            )
+        if use_pmap:
+            raise ValueError("callback_on_step_end runs on the sharded (jit) path, not use_pmap")
+
+        def host(i, t, latents):
+            out = fn(self, i, t, {"latents": latents})
+            return None if out is None else out.get("latents")
+
+        return sampling.StepCallback(host, n_images)
 
     def _state(self, steps: int, shape: tuple, begin: int, traced: bool, schedule=None):
         """The scheduler state starting at step ``begin`` (of ``steps``, or of the custom
@@ -755,6 +802,8 @@ class StableDiffusionPipeline(
         use_pmap: bool = False,
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Generates images from text.
 
@@ -788,6 +837,11 @@ class StableDiffusionPipeline(
                 nsfw_content_detected)`` without a safety checker.
             cross_attention_kwargs: ``{"scale": s}`` scales the loaded LoRA adapters (UNet and
                 text encoder), as diffusers; new values do not recompile.
+            callback_on_step_end: ``fn(pipe, i, t, {"latents": z}) -> dict | None``, called on
+                the host after each step ``i`` from inside the compiled loop; ``z`` is NHWC
+                numpy, and a returned ``"latents"`` replaces it. A new function does not
+                recompile. ``pipe._interrupt`` and other tensor inputs are not supported.
+            callback_on_step_end_tensor_inputs: only ``["latents"]``.
         """
         return self._run(**_forwarded(locals()))
 
@@ -822,6 +876,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         use_pmap: bool = False,
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """As :class:`StableDiffusionPipeline`, plus:
 
@@ -875,6 +931,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         use_pmap: bool = False,
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """As :class:`StableDiffusionPipeline`, plus:
 
@@ -944,6 +1002,8 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionPipeline):
         use_pmap: bool = False,
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
         """As :class:`StableDiffusionImg2ImgPipeline`, plus ``depth_map``: (B, H, W) or (H, W)
         array, or PIL image(s), any size (resized to the latents)."""

@@ -404,6 +404,66 @@ def test_vae_tiling_and_slicing_match_diffusers(pipe, sd_dir):
     assert np.abs(got - plain).max() > 1e-3  # the tiles' seams: tiling really ran
 
 
+# ------------------------------------------------------------------ callback_on_step_end
+@pytest.mark.parity
+def test_callback_on_step_end_matches_diffusers(pipe, sd_dir):
+    """A callback that records (i, t) and rescales the latents after step 1, in text2img and
+    img2img (whose i restarts at 0), against diffusers; a new callback does not recompile."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from tests.pipelines.sd_helpers import diffusers_sd_pipe
+
+    def make(record, nchw):
+        def callback(p, i, t, kw):
+            record.append((i, int(t)))
+            z = kw["latents"]
+            assert z.shape == ((2, 4, 8, 8) if nchw else (2, 8, 8, 4))
+            return {"latents": z * 0.7 if i == 1 else z}
+
+        return callback
+
+    ref = diffusers_sd_pipe(sd_dir)
+    latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    image = np.random.default_rng(1).uniform(0, 1, (2, 64, 64, 3)).astype(np.float32)
+    kw = dict(num_inference_steps=4, output_type="np")
+    want_t, want_i = [], []
+    with torch.no_grad():
+        want = ref(["a cat", "a dog"], latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+                   callback_on_step_end=make(want_t, True), **kw).images  # fmt: skip
+        i2i = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+        i2i(["a cat", "a dog"], image=torch.from_numpy(image.transpose(0, 3, 1, 2).copy()),
+            strength=0.5, callback_on_step_end=make(want_i, True), **kw)  # fmt: skip
+
+    pipe.scheduler = _scheduler(pipe, "ddim")
+    pipe._jit_cache.clear()
+    got_t, got_i = [], []
+    got = pipe(["a cat", "a dog"], latents=latents, seed=0, progress=False,
+               callback_on_step_end=make(got_t, False), **kw).images  # fmt: skip
+    _assert_matches(got, want)
+    assert got_t == want_t and len(got_t) == 4
+    other = pipe(["a cat", "a dog"], latents=latents, seed=0, progress=False,
+                 callback_on_step_end=lambda p, i, t, kw: None, **kw).images  # fmt: skip
+    assert _compiles(pipe) == 1 and np.abs(other - got).max() > 1e-3
+    img2img = StableDiffusionImg2ImgPipeline(params=pipe.params, **pipe.components)
+    img2img(["a cat", "a dog"], image=image, strength=0.5, seed=0, progress=False,
+            callback_on_step_end=make(got_i, False), **kw)  # fmt: skip
+    assert got_i == want_i and [i for i, _ in got_i] == [0, 1]
+
+
+def test_callback_on_step_end_errors(pipe):
+    kw = dict(num_inference_steps=2, seed=0, progress=False)
+
+    def wrong_shape(p, i, t, kw):
+        return {"latents": kw["latents"][:, :4]}
+
+    with pytest.raises(ValueError, match=r"returned latents of shape \(1, 4, 8, 4\); expected \(1, 8, 8, 4\)"):  # fmt: skip
+        pipe("a cat", callback_on_step_end=wrong_shape, **kw)
+    with pytest.raises(ValueError, match="passes only \\['latents'\\]"):
+        pipe("a cat", callback_on_step_end=wrong_shape, callback_on_step_end_tensor_inputs=["prompt_embeds"], **kw)  # fmt: skip
+    with pytest.raises(TypeError, match="must be callable"):
+        pipe("a cat", callback_on_step_end="nope", **kw)
+
+
 # ------------------------------------------------------------------ bad input
 def test_bad_input_errors(pipe, sd_dir):
     kw = dict(num_inference_steps=2, progress=False, seed=0)
