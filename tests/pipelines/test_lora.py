@@ -8,8 +8,6 @@ which asks for peft >= 0.22 (not on PyPI here), so the text encoder's reference 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +16,7 @@ from flax import traverse_util
 
 from jaxdiff.loaders.lora import LoraLoadError, delta, lora_targets
 from jaxdiff.loaders.safetensors_io import save_file
-from tests.pipelines.sd_helpers import diffusers_sd_pipe, jaxdiff_sd_pipe
-from tests.reference_io import reference_dir
+from tests.pipelines.sd_helpers import diffusers_sd_pipe
 
 # one pipeline and one set of reference LoRA files: keep the tests on one worker
 pytestmark = pytest.mark.xdist_group("lora")
@@ -28,16 +25,6 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "ff.net.2", "conv1", "conv2", "time_emb_proj", "conv_shortcut"]  # fmt: skip
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 KOHYA_UNET_ALPHA, KOHYA_TE_ALPHA = 3.0, 1.0  # ranks 4 and 2: scales 0.75 and 0.5
-
-
-@pytest.fixture(scope="module")
-def sd_dir() -> Path:
-    return reference_dir("pipelines_stable_diffusion") / "sd_tiny"
-
-
-@pytest.fixture(scope="module")
-def shared_pipe(sd_dir):
-    return jaxdiff_sd_pipe(sd_dir)
 
 
 @pytest.fixture()

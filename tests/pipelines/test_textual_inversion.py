@@ -3,30 +3,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from jaxdiff.loaders.safetensors_io import load_file, save_file
 from jaxdiff.utils.tokenizer import tokenize
-from tests.pipelines.sd_helpers import diffusers_sd_pipe, jaxdiff_sd_pipe
-from tests.reference_io import reference_dir
+from tests.pipelines.sd_helpers import diffusers_sd_pipe
 
 # one pipeline and its compiled programs for the module
 pytestmark = pytest.mark.xdist_group("textual_inversion")
 
 PROMPT = "a photo of a <cat-toy> in <style> style"
-
-
-@pytest.fixture(scope="module")
-def sd_dir() -> Path:
-    return reference_dir("pipelines_stable_diffusion") / "sd_tiny"
-
-
-@pytest.fixture(scope="module")
-def shared_pipe(sd_dir):
-    return jaxdiff_sd_pipe(sd_dir)
 
 
 @pytest.fixture()
