@@ -78,10 +78,6 @@ class LoraLayer:
     up: np.ndarray
     scale: float
 
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
 
 # ---------------------------------------------------------------------------- reading files
 def read_lora_file(
@@ -200,7 +196,7 @@ def _rank_scale(module: str, rank: int, config: Mapping[str, Any] | None, alphas
 def lora_layers(
     state_dict: Mapping[str, Any],
     metadata: Mapping[str, Any] | None,
-    module_names: Mapping[str, set[str]],
+    targets: Mapping[str, Mapping[str, tuple]],
 ) -> dict[str, dict[str, LoraLayer]]:
     """Groups a LoRA state dict by component and module: ``{"unet": {"down_blocks.0...to_q":
     LoraLayer}, ...}``, the module names as the model's PyTorch names.
@@ -209,17 +205,17 @@ def lora_layers(
         state_dict: the file's tensors (any format above).
         metadata: the file's ``lora_adapter_metadata`` (PEFT ``LoraConfig`` per component,
             keys ``"unet.lora_alpha"``, ...), or None.
-        module_names: per component, the model's module names (``lora_targets``); kohya's
-            flattened names are resolved against them.
+        targets: per component, the model's ``lora_targets``; kohya's flattened names are
+            resolved against their module names.
 
     Raises:
-        LoraLoadError: every key that is not plain LoRA or names no module, and every module
-            with a missing factor.
+        LoraLoadError: every key that is not plain LoRA or names no module, every module with
+            a missing factor, and every :math:`BA` that does not have its weight's shape.
     """
     parts: dict[str, dict[str, dict[str, Any]]] = {}
     problems: list[str] = []
     dora = False
-    flats = {comp: _flat_names(modules) for comp, modules in module_names.items()}
+    flats = {comp: _flat_names(set(modules)) for comp, modules in targets.items()}
     for key, value in state_dict.items():
         parsed = _parse_key(key)
         if parsed is None:
@@ -227,7 +223,7 @@ def lora_layers(
             problems.append(f"{key}: " + (f"{kind} is not supported" if kind else "not a LoRA key"))
             continue
         comp, module, role, kohya = parsed
-        if comp not in module_names:
+        if comp not in targets:
             problems.append(f"{key}: the pipeline has no LoRA-capable component {comp!r}")
             continue
         if comp == "text_encoder" and not kohya and not module.startswith("text_model."):
@@ -254,7 +250,7 @@ def lora_layers(
             config = {k[len(prefix) :]: v for k, v in metadata.items() if k.startswith(prefix)}
             config = config or None
         for module, p in sorted(modules.items()):
-            if module not in module_names[comp]:
+            if module not in targets[comp]:
                 problems.append(f"{comp}.{module}: the model has no such module")
                 continue
             if "down" not in p or "up" not in p:
@@ -267,6 +263,13 @@ def lora_layers(
                 problems.append(
                     f"{comp}.{module}: down {list(down.shape)} and up {list(up.shape)} do not "
                     "share a rank"
+                )
+                continue
+            shape = targets[comp][module][2]
+            if (up.shape[0], down[0].size) != (shape[0], int(np.prod(shape[1:]))):
+                problems.append(
+                    f"{comp}.{module}: B A is {up.shape[0]} x {down[0].size} but the weight is "
+                    f"{list(shape)}"
                 )
                 continue
             scale = _rank_scale(module, down.shape[0], config, alphas)
@@ -290,24 +293,9 @@ def lora_targets(model: Any) -> dict[str, tuple[tuple[str, ...], str, tuple[int,
     out = {}
     for path, (key, layout) in table.items():
         if path[-1] == "kernel" and key.endswith(".weight"):
-            torch_shape = sd.to_torch_layout(np.empty(flat[path].shape, np.uint8), layout).shape
+            torch_shape = sd.torch_shape(flat[path].shape, layout)
             out[key[: -len(".weight")]] = (path, layout, tuple(torch_shape))
     return out
-
-
-def check_fits(
-    layers: Mapping[str, LoraLayer], targets: Mapping[str, tuple], comp: str
-) -> list[str]:
-    """The modules whose :math:`BA` does not have the shape of the weight it adapts."""
-    problems = []
-    for module, layer in layers.items():
-        _, _, shape = targets[module]
-        out_dim, in_size = layer.up.shape[0], int(np.prod(layer.down.shape[1:]))
-        if (out_dim, in_size) != (shape[0], int(np.prod(shape[1:]))):
-            problems.append(
-                f"{comp}.{module}: B A is {out_dim} x {in_size} but the weight is {list(shape)}"
-            )
-    return problems
 
 
 def delta(layer_down: jax.Array, layer_up: jax.Array, torch_shape: tuple, layout: str):

@@ -15,7 +15,6 @@ factors and keeps the fused weights, as in diffusers.
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,20 +24,17 @@ from flax import traverse_util
 from jaxdiff import hub
 from jaxdiff.loaders.lora import (
     COMPONENTS,
-    LoraLoadError,
-    check_fits,
     lora_layers,
     lora_targets,
     merge_lora,
     read_lora_file,
 )
 from jaxdiff.models.modeling_utils import cast_floating
+from jaxdiff.pipelines.pipeline_utils import is_real
 
 
 class StableDiffusionLoraLoaderMixin:
     """LoRA adapters for a pipeline with ``unet`` and ``text_encoder`` components."""
-
-    _lora_loadable_modules = COMPONENTS
 
     # ------------------------------------------------------------------ state
     def _lora_state(self) -> dict[str, Any]:
@@ -122,11 +118,7 @@ class StableDiffusionLoraLoaderMixin:
         )
         comps = [c for c in COMPONENTS if getattr(self, c, None) is not None]
         targets = {c: self._lora_targets(c) for c in comps}
-        layers = lora_layers(tensors, metadata, {c: set(t) for c, t in targets.items()})
-        problems = [p for c, ls in layers.items() for p in check_fits(ls, targets[c], c)]
-        if problems:
-            raise LoraLoadError("The LoRA does not fit this pipeline:\n  " + "\n  ".join(problems))
-        state["adapters"][name] = layers
+        state["adapters"][name] = lora_layers(tensors, metadata, targets)
         state["weights"][name] = dict.fromkeys(COMPONENTS, 1.0)
         state["active"] = [name]
         state["merged"] = None
@@ -157,14 +149,14 @@ class StableDiffusionLoraLoaderMixin:
         state = self._lora_state()
         for name, w in zip(names, adapter_weights, strict=True):
             if isinstance(w, Mapping):
-                bad = [k for k, v in w.items() if k not in COMPONENTS or not _is_number(v)]
+                bad = [k for k, v in w.items() if k not in COMPONENTS or not is_real(v)]
                 if bad:
                     raise ValueError(
                         f"adapter_weights for {name!r}: {bad} are not 'unet'/'text_encoder' "
                         "with a number (per-block weights are not supported)"
                     )
                 state["weights"][name] = {c: float(w.get(c, 1.0)) for c in COMPONENTS}
-            elif _is_number(w):
+            elif is_real(w):
                 state["weights"][name] = dict.fromkeys(COMPONENTS, float(w))
             else:
                 raise TypeError(f"adapter_weights entries must be numbers or dicts, got {w!r}")
@@ -210,14 +202,10 @@ class StableDiffusionLoraLoaderMixin:
         state = self._lora_state()
         names = self._check_names(adapter_names if adapter_names is not None else state["active"])
         names = [n for n in names if n not in state["fused"]]
-        if not _is_number(lora_scale):
+        if not is_real(lora_scale):
             raise TypeError(f"lora_scale must be a number, got {lora_scale!r}")
         for comp in self._check_components(components):
-            adapters = [
-                (state["adapters"][n][comp], state["weights"][n][comp] * float(lora_scale))
-                for n in names
-                if comp in state["adapters"][n]
-            ]
+            adapters = self._weighted(comp, names, float(lora_scale))
             if not adapters:
                 continue
             targets = self._lora_targets(comp)
@@ -251,6 +239,15 @@ class StableDiffusionLoraLoaderMixin:
             state[key].clear()
         state["active"], state["fused"], state["merged"] = [], set(), None
 
+    def _weighted(self, comp: str, names: Sequence[str], scale: float) -> list[tuple[dict, float]]:
+        """``[(layers, weight * scale)]`` of the adapters in ``names`` that adapt ``comp``."""
+        state = self._lora_state()
+        return [
+            (state["adapters"][n][comp], state["weights"][n][comp] * scale)
+            for n in names
+            if comp in state["adapters"][n]
+        ]
+
     def _check_components(self, components: Sequence[str]) -> list[str]:
         components = [components] if isinstance(components, str) else list(components)
         bad = [c for c in components if c not in COMPONENTS]
@@ -263,7 +260,7 @@ class StableDiffusionLoraLoaderMixin:
         """The params of ``names`` with the active, unfused adapters merged in (cached for
         the last ``lora_scale``)."""
         state = self._lora_state()
-        if lora_scale is not None and not _is_number(lora_scale):
+        if lora_scale is not None and not is_real(lora_scale):
             raise TypeError(f"cross_attention_kwargs['scale'] must be a number, got {lora_scale!r}")
         scale = 1.0 if lora_scale is None else float(lora_scale)
         live = [n for n in state["active"] if n not in state["fused"]] if state["enabled"] else []
@@ -275,16 +272,8 @@ class StableDiffusionLoraLoaderMixin:
         if state["merged"] is not None and state["merged"][0] == key:
             return state["merged"][1]
         for comp in COMPONENTS:
-            adapters = [
-                (state["adapters"][n][comp], state["weights"][n][comp] * scale)
-                for n in live
-                if comp in state["adapters"][n]
-            ]
+            adapters = self._weighted(comp, live, scale)
             if comp in params and adapters:
                 params[comp] = merge_lora(params[comp], adapters, self._lora_targets(comp))
         state["merged"] = (key, params)
         return params
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -118,10 +118,10 @@ def vae_block_table(config: Mapping[str, Any]) -> dict[str, str]:
         "encoder.conv_norm_out": "encoder.norm_out",
         "decoder.conv_norm_out": "decoder.norm_out",
     }
-    for part, ldm in (("encoder", "encoder"), ("decoder", "decoder")):
-        table[f"{part}.mid_block.resnets.0"] = f"{ldm}.mid.block_1"
-        table[f"{part}.mid_block.resnets.1"] = f"{ldm}.mid.block_2"
-        table[f"{part}.mid_block.attentions.0"] = f"{ldm}.mid.attn_1"
+    for part in ("encoder", "decoder"):
+        table[f"{part}.mid_block.resnets.0"] = f"{part}.mid.block_1"
+        table[f"{part}.mid_block.resnets.1"] = f"{part}.mid.block_2"
+        table[f"{part}.mid_block.attentions.0"] = f"{part}.mid.attn_1"
     for i in range(n):
         for j in range(lpb):
             table[f"encoder.down_blocks.{i}.resnets.{j}"] = f"encoder.down.{i}.block.{j}"

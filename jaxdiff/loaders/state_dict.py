@@ -68,6 +68,11 @@ def _flax_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...] | None:
     return tuple(shape[a] for a in axes) if len(shape) == len(axes) else None
 
 
+def torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """The PyTorch shape of a Flax leaf of ``shape`` (the inverse of :func:`_flax_shape`)."""
+    return to_torch_layout(np.empty(shape, dtype=np.uint8), layout).shape
+
+
 def to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
     axes = _TO_FLAX_AXES.get(layout)
     return array if axes is None else np.transpose(array, np.argsort(axes))
@@ -116,7 +121,7 @@ def torch_to_flax(
             continue
         want = tuple(flat_shapes[path].shape)
         if _flax_shape(np.shape(state_dict[key]), layout) != want:
-            torch_want = to_torch_layout(np.empty(want, dtype=np.uint8), layout).shape
+            torch_want = torch_shape(want, layout)
             mismatched.append(
                 f"{key}: file has {list(state_dict[key].shape)}, model expects {list(torch_want)}"
             )

@@ -41,7 +41,7 @@ def read_textual_inversion(
     **hub_kwargs,
 ) -> Any:
     """The state dict (or bare array) of one textual-inversion file, folder, repo or dict."""
-    if isinstance(source, (Mapping, np.ndarray)) or hasattr(source, "__array__"):
+    if isinstance(source, Mapping) or hasattr(source, "__array__"):
         return source
     name = os.fspath(source)
     if os.path.isfile(name):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -116,6 +117,11 @@ def pipeline_result(output: ImagePipelineOutput, return_dict: bool, *extra: Any)
     """What a pipeline returns: ``output``, or as diffusers with ``return_dict=False`` the tuple
     ``(images, *extra)`` (Stable Diffusion's ``(images, nsfw_content_detected)``, here None)."""
     return output if return_dict else (output.images, *extra)
+
+
+def is_real(value: Any) -> bool:
+    """A real number (Python or numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_model(obj: Any) -> bool:

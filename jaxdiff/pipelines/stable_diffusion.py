@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +49,7 @@ from jaxdiff.loaders.textual_inversion import TextualInversionLoaderMixin
 from jaxdiff.pipelines.pipeline_utils import (
     DiffusionPipeline,
     ImagePipelineOutput,
+    is_real,
     pipeline_result,
     to_output,
 )
@@ -189,11 +189,6 @@ def begin_index_for_strength(num_inference_steps: int, strength: float, order: i
             "to run; raise strength or num_inference_steps"
         )
     return max(num_inference_steps - init, 0) * order
-
-
-def _is_real(value: Any) -> bool:
-    """A real number (Python or numpy scalar), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def custom_schedule(scheduler, timesteps, sigmas) -> dict[str, np.ndarray] | None:
@@ -567,12 +562,12 @@ class StableDiffusionPipeline(
     ) -> ImagePipelineOutput:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if not _is_real(guidance_scale):
+        if not is_real(guidance_scale):
             raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         if guidance_rescale is not None and (
-            not _is_real(guidance_rescale) or not 0 <= guidance_rescale < float("inf")
+            not is_real(guidance_rescale) or not 0 <= guidance_rescale < float("inf")
         ):
             raise ValueError(f"guidance_rescale must be a number >= 0, got {guidance_rescale!r}")
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
@@ -636,7 +631,7 @@ class StableDiffusionPipeline(
         steps = num_inference_steps
         begin = 0
         if self.task != "txt2img":
-            if not _is_real(strength):
+            if not is_real(strength):
                 raise TypeError(f"strength must be a number in [0, 1], got {strength!r}")
             if not 0.0 <= strength <= 1.0:
                 raise ValueError(f"strength must be in [0, 1], got {strength}")
