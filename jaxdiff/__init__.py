@@ -30,6 +30,9 @@ _EXPORTS = {
     "StableDiffusionImg2ImgPipeline": "jaxdiff.pipelines",
     "StableDiffusionInpaintPipeline": "jaxdiff.pipelines",
     "StableDiffusionDepth2ImgPipeline": "jaxdiff.pipelines",
+    "AutoPipelineForText2Image": "jaxdiff.pipelines",
+    "AutoPipelineForImage2Image": "jaxdiff.pipelines",
+    "AutoPipelineForInpainting": "jaxdiff.pipelines",
     # utilities
     "make_image_grid": "jaxdiff.utils",
     "compiler_options": "jaxdiff.utils",

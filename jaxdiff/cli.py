@@ -291,11 +291,11 @@ def _run_pipeline(pipe, args: argparse.Namespace):
     if args.width or args.height:
         image = image.resize((args.width or image.width, args.height or image.height))
     if args.mask is None:
-        img2img = StableDiffusionImg2ImgPipeline(params=pipe.params, **pipe.components)
+        img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
         strength = 0.8 if args.strength is None else args.strength
         return img2img(args.prompt, image=image, strength=strength, **sd)
     mask = Image.open(args.mask).convert("L").resize(image.size)
-    inpaint = StableDiffusionInpaintPipeline(params=pipe.params, **pipe.components)
+    inpaint = StableDiffusionInpaintPipeline.from_pipe(pipe)
     strength = 1.0 if args.strength is None else args.strength
     return inpaint(args.prompt, image=image, mask_image=mask, strength=strength, **sd)
 

@@ -75,6 +75,25 @@ class StableDiffusionLoraLoaderMixin:
             self._forget_lora(name)
         super().__setattr__(name, value)
 
+    def _adopt_state(self, source: Any, kept: list[str]) -> None:
+        """``from_pipe``: the source's adapters, weights and fused originals, for the kept
+        models (containers copied, so loading or deleting on one pipeline leaves the other)."""
+        super()._adopt_state(source, kept)
+        if "_lora" not in source.__dict__:
+            return
+        old = source._lora_state()
+        state = self._lora_state()
+        state["adapters"] = {n: dict(layers) for n, layers in old["adapters"].items()}
+        state["weights"] = {n: dict(w) for n, w in old["weights"].items()}
+        state["active"] = list(old["active"])
+        state["enabled"] = old["enabled"]
+        state["fused"] = set(old["fused"])
+        state["originals"] = {c: dict(leaves) for c, leaves in old["originals"].items()}
+        state["targets"] = dict(old["targets"])
+        for comp in COMPONENTS:
+            if comp not in kept:
+                self._forget_lora(comp)
+
     def to(self, dtype: Any):
         super().to(dtype)
         state = self._lora_state()

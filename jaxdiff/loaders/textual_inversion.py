@@ -109,6 +109,14 @@ class TextualInversionLoaderMixin:
             self.__dict__["_ti"].update(base=None, tokens=[])  # a new model: nothing loaded
         super().__setattr__(name, value)
 
+    def _adopt_state(self, source: Any, kept: list[str]) -> None:
+        """``from_pipe``: the loaded tokens carry over when the tokenizer and text encoder
+        they live in are kept."""
+        super()._adopt_state(source, kept)
+        if "_ti" in source.__dict__ and {"tokenizer", "text_encoder"} <= set(kept):
+            old = source._ti_state()
+            self._ti_state().update(base=old["base"], tokens=list(old["tokens"]))
+
     def _ti_state(self) -> dict[str, Any]:
         if "_ti" not in self.__dict__:
             object.__setattr__(self, "_ti", {"base": None, "tokens": []})

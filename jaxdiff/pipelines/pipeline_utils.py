@@ -244,6 +244,63 @@ class DiffusionPipeline:
             )
         return pipeline_cls(params=params, dtype=dtype, **components)
 
+    @classmethod
+    def from_pipe(
+        cls, pipeline: DiffusionPipeline, dtype: Any = None, **kwargs
+    ) -> DiffusionPipeline:
+        """A ``cls`` pipeline on ``pipeline``'s components, as diffusers' ``from_pipe``.
+
+        The models, their params (the same arrays: nothing is copied) and the scheduler are
+        shared; loaded LoRA adapters and textual-inversion tokens carry over for the models
+        that are kept. Swapping a component on one pipeline later does not change the other::
+
+            pipe = DiffusionPipeline.from_pretrained("path/to/sd")
+            img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+
+        Args:
+            pipeline: the pipeline whose components to use.
+            dtype: a compute dtype for the new pipeline (default: ``pipeline``'s); a new dtype
+                casts the new pipeline's params only.
+            **kwargs: components to use instead (``scheduler=...``, ``unet=(module, params)``).
+        """
+        if not isinstance(pipeline, DiffusionPipeline):
+            raise TypeError(
+                f"pipeline must be a jaxdiff DiffusionPipeline, got {type(pipeline).__name__}"
+            )
+        target = type(pipeline) if cls is DiffusionPipeline else cls
+        unknown = sorted(set(kwargs) - set(target._components))
+        if unknown:
+            raise TypeError(
+                f"{target.__name__}.from_pipe got unexpected argument(s) {unknown}; its "
+                f"components are {list(target._components)}"
+            )
+        missing = [
+            c for c in target._components if c not in kwargs and getattr(pipeline, c, None) is None
+        ]
+        if missing:
+            raise ValueError(
+                f"{target.__name__} needs the component(s) {missing}, which "
+                f"{type(pipeline).__name__} does not have: pass them to from_pipe"
+            )
+        components: dict[str, Any] = {}
+        params: dict[str, Any] = {}
+        for comp in target._components:
+            value = kwargs.get(comp, getattr(pipeline, comp, None))
+            if comp not in kwargs and comp in pipeline.params:
+                params[comp] = pipeline.params[comp]
+            elif isinstance(value, tuple) and len(value) == 2 and _is_model(value[0]):
+                value, params[comp] = value
+            components[comp] = value
+        new = target(params=params, dtype=pipeline.dtype, **components)
+        new._adopt_state(pipeline, kept=[c for c in target._components if c not in kwargs])
+        if dtype is not None and check_dtype(dtype) != new.dtype:
+            new.to(dtype)
+        return new
+
+    def _adopt_state(self, source: DiffusionPipeline, kept: list[str]) -> None:
+        """After :meth:`from_pipe`: take over ``source``'s state about the ``kept``
+        components (the loader mixins extend it)."""
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Writes ``model_index.json`` and every component in diffusers layout."""
         save_directory = os.fspath(save_directory)

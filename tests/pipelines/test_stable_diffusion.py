@@ -164,7 +164,7 @@ def test_prompt_embeds_equal_prompts(pipe):
 @pytest.mark.parametrize("case", ["img2img_ddim", "img2img_euler", "img2img_euler_timesteps"])
 def test_img2img_matches_diffusers(sd_dir, pipe, case):
     arrays, meta = load_case(COMPONENT, case)
-    img = StableDiffusionImg2ImgPipeline(params=pipe.params, **pipe.components)
+    img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
     img.scheduler = _scheduler(pipe, meta["scheduler"])
     images = img(
         meta["prompt"],
@@ -278,7 +278,7 @@ def test_step_count_and_strength_do_not_recompile(pipe, name):
     c = pipe("a cat", num_inference_steps=20, **kw).images
     assert _compiles(pipe) == 1
     assert np.abs(a - b).max() > 1e-3 and np.abs(b - c).max() > 1e-3
-    img = StableDiffusionImg2ImgPipeline(params=pipe.params, **pipe.components)
+    img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
     image = np.full((1, 64, 64, 3), 0.25, np.float32)
     d = img("a cat", image=image, strength=0.5, num_inference_steps=4, **kw).images
     e = img("a cat", image=image, strength=0.9, num_inference_steps=6, **kw).images
@@ -444,7 +444,7 @@ def test_callback_on_step_end_matches_diffusers(pipe, sd_dir):
     other = pipe(["a cat", "a dog"], latents=latents, seed=0, progress=False,
                  callback_on_step_end=lambda p, i, t, kw: None, **kw).images  # fmt: skip
     assert _compiles(pipe) == 1 and np.abs(other - got).max() > 1e-3
-    img2img = StableDiffusionImg2ImgPipeline(params=pipe.params, **pipe.components)
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
     img2img(["a cat", "a dog"], image=image, strength=0.5, seed=0, progress=False,
             callback_on_step_end=make(got_i, False), **kw)  # fmt: skip
     assert got_i == want_i and [i for i, _ in got_i] == [0, 1]
@@ -488,7 +488,7 @@ def test_bad_input_errors(pipe, sd_dir):
     with pytest.raises(ValueError, match="prompt"):
         pipe(**kw)
     image = np.full((1, 64, 64, 3), 0.5, np.float32)
-    img = StableDiffusionImg2ImgPipeline(params=pipe.params, **pipe.components)
+    img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
     for strength in (-0.1, 1.5):
         with pytest.raises(ValueError, match="strength must be in"):
             img("a", image=image, strength=strength, **kw)
@@ -496,10 +496,10 @@ def test_bad_input_errors(pipe, sd_dir):
         img("a", image=np.zeros((1, 60, 64, 3)), **kw)
     with pytest.raises(ValueError, match=r"values must lie in \[0, 1\]"):
         img("a", image=image * 4, **kw)
-    inp = StableDiffusionInpaintPipeline(params=pipe.params, **pipe.components)
+    inp = StableDiffusionInpaintPipeline.from_pipe(pipe)
     with pytest.raises(ValueError, match="mask_image is 32x32 but image is 64x64"):
         inp("a", image=image, mask_image=np.ones((32, 32)), **kw)
-    depth = StableDiffusionDepth2ImgPipeline(params=pipe.params, **pipe.components)
+    depth = StableDiffusionDepth2ImgPipeline.from_pipe(pipe)
     with pytest.raises(ValueError, match="depth_map"):
         depth("a", image=image, **kw)
 
