@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mask", default=None, help="mask image file (white = repaint): inpaint")
     gen.add_argument("--strength", type=float, default=None, help="img2img/inpaint strength")
     gen.add_argument(
+        "--padding-mask-crop",
+        type=int,
+        default=None,
+        help="inpaint only the box around the mask, this many pixels larger, at --height x "
+        "--width, and paste it back into the full-size image",
+    )
+    gen.add_argument(
         "--cache-dir", default=None, help="persistent compilation cache ($JAXDIFF_CACHE_DIR)"
     )
     gen.add_argument(
@@ -246,6 +253,7 @@ def _run_pipeline(pipe, args: argparse.Namespace):
         "--image",
         "--mask",
         "--strength",
+        "--padding-mask-crop",
         "--guidance-rescale",
         "--clip-skip",
         "--timesteps",
@@ -266,6 +274,8 @@ def _run_pipeline(pipe, args: argparse.Namespace):
         raise ValueError(f'{type(pipe).__name__} needs a prompt: jaxdiff generate "a photo" ...')
     if args.mask is not None and args.image is None:
         raise ValueError("--mask needs --image (inpainting)")
+    if args.padding_mask_crop is not None and args.mask is None:
+        raise ValueError("--padding-mask-crop needs --image and --mask (inpainting)")
     _fuse_loras(pipe, args.lora or [], args.lora_scale)
     sd = dict(
         negative_prompt=args.negative,
@@ -288,7 +298,8 @@ def _run_pipeline(pipe, args: argparse.Namespace):
     if args.guidance_rescale is not None:
         raise ValueError("--guidance-rescale is a text2img option: it does not take --image")
     image = Image.open(args.image).convert("RGB")
-    if args.width or args.height:
+    crop = args.padding_mask_crop is not None  # then --height/--width size the crop
+    if (args.width or args.height) and not crop:
         image = image.resize((args.width or image.width, args.height or image.height))
     if args.mask is None:
         img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
@@ -297,6 +308,8 @@ def _run_pipeline(pipe, args: argparse.Namespace):
     mask = Image.open(args.mask).convert("L").resize(image.size)
     inpaint = StableDiffusionInpaintPipeline.from_pipe(pipe)
     strength = 1.0 if args.strength is None else args.strength
+    if crop:
+        sd.update(padding_mask_crop=args.padding_mask_crop, height=args.height, width=args.width)
     return inpaint(args.prompt, image=image, mask_image=mask, strength=strength, **sd)
 
 

@@ -55,6 +55,7 @@ from jaxdiff.pipelines.pipeline_utils import (
 )
 from jaxdiff.pipelines.unconditional import resolve_key
 from jaxdiff.schedulers.common import count_steps
+from jaxdiff.utils import mask_crop
 from jaxdiff.utils.tokenizer import tokenize
 from jaxdiff.utils.xla import compiler_options
 
@@ -300,6 +301,12 @@ class StableDiffusionPipeline(
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """Image height and width when none is given: the UNet's sample size in pixels."""
+        size = self.unet.config.sample_size
+        return (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
 
     # ------------------------------------------------------------------ VAE memory savers
     def enable_vae_slicing(self) -> None:
@@ -587,8 +594,6 @@ class StableDiffusionPipeline(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg
         )
         vsf = self.vae_scale_factor
-        default = self.unet.config.sample_size
-        default = default if isinstance(default, int) else default[0]
         if image is not None:
             height = image.shape[1] if height is None else height
             width = image.shape[2] if width is None else width
@@ -597,8 +602,8 @@ class StableDiffusionPipeline(
                     f"image is {image.shape[2]}x{image.shape[1]} (W x H) but height={height}, "
                     f"width={width}: resize the image first"
                 )
-        height = _check_size("height", default * vsf if height is None else height)
-        width = _check_size("width", default * vsf if width is None else width)
+        height = _check_size("height", self.default_size if height is None else height)
+        width = _check_size("width", self.default_size if width is None else width)
         total = n_prompts * int(num_images_per_prompt)
 
         # One key per image. A (n,) key array must match the number of images.
@@ -928,6 +933,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Any = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        padding_mask_crop: int | None = None,
     ) -> ImagePipelineOutput | tuple:
         """As :class:`StableDiffusionPipeline`, plus:
 
@@ -937,9 +943,18 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                 values >= 0.5 are repainted.
             strength: as img2img; 1 starts from pure noise. ``latents`` (the noise) always
                 starts from pure noise, as in diffusers.
+            padding_mask_crop: repaint only the box around the mask's white pixels, this many
+                pixels larger on each side and widened to the output's aspect ratio: the box
+                is resized to ``height`` x ``width`` (default: the UNet's sample size), and
+                the result is pasted back into the original image, which shows through
+                where the mask is black (:mod:`jaxdiff.utils.mask_crop`). Needs one PIL
+                image and one PIL mask (any size) and ``output_type="pil"``, as diffusers.
         """
         if image is None or mask_image is None:
             raise ValueError("inpainting needs both image and mask_image")
+        if padding_mask_crop is not None:
+            arguments = {k: v for k, v in locals().items() if k != "self"}
+            return self._crop_and_paste(**arguments)
         in_ch = self.unet.config.in_channels
         if in_ch not in (4, 9):
             raise ValueError(
@@ -954,6 +969,40 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                 f"{image.shape[2]}x{image.shape[1]} (W x H): they must match"
             )
         return self._run(**_forwarded(locals()), image=image, mask=mask)
+
+    def _crop_and_paste(self, *, image, mask_image, padding_mask_crop, **kwargs):
+        """``padding_mask_crop``: inpaint the box around the mask, paste it back."""
+        if not isinstance(padding_mask_crop, (int, np.integer)) or padding_mask_crop < 0:
+            raise ValueError(
+                f"padding_mask_crop must be an int >= 0 (pixels), got {padding_mask_crop!r}"
+            )
+        if not isinstance(image, Image.Image) or not isinstance(mask_image, Image.Image):
+            raise ValueError(
+                "padding_mask_crop needs image and mask_image as single PIL images, got "
+                f"{type(image).__name__} and {type(mask_image).__name__}"
+            )
+        if kwargs.get("output_type", "pil") != "pil":
+            raise ValueError(
+                f"padding_mask_crop pastes into the PIL image: output_type must be 'pil', got "
+                f"{kwargs['output_type']!r}"
+            )
+        if mask_image.size != image.size:
+            raise ValueError(
+                f"mask_image is {mask_image.width}x{mask_image.height} but image is "
+                f"{image.width}x{image.height} (W x H): they must match"
+            )
+        height = _check_size("height", kwargs.pop("height", None) or self.default_size)
+        width = _check_size("width", kwargs.pop("width", None) or self.default_size)
+        box = mask_crop.crop_region(mask_image, width, height, int(padding_mask_crop))
+        crop = mask_crop.crop_and_fill(image, box, width, height)
+        crop_mask = mask_crop.crop_and_fill(mask_image, box, width, height).convert("L")
+        out = self(image=crop, mask_image=crop_mask, height=height, width=width, **kwargs)
+        images = out[0]
+        pasted = [mask_crop.paste_back(mask_image, image, im, box) for im in images]
+        if isinstance(out, tuple):
+            return (pasted, *out[1:])
+        out.images = pasted
+        return out
 
 
 class StableDiffusionDepth2ImgPipeline(StableDiffusionPipeline):

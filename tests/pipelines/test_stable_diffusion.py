@@ -203,6 +203,54 @@ def test_inpaint_matches_diffusers(sd_dir, pipe, case, unet):
     _assert_matches(images, arrays["images"])
 
 
+def test_inpaint_padding_mask_crop_matches_diffusers(sd_dir, pipe):
+    from PIL import Image
+
+    arrays, meta = load_case(COMPONENT, "inpaint_crop")
+    unet = UNet2DConditionModel.from_pretrained(sd_dir.parent / "unet_inpaint")
+    inp = StableDiffusionInpaintPipeline.from_pipe(pipe, unet=unet)
+    inp.scheduler = _scheduler(pipe, "ddim")
+    photo, mask = Image.fromarray(arrays["image"]), Image.fromarray(arrays["mask"])
+    images = inp(
+        meta["prompt"],
+        image=photo,
+        mask_image=mask,
+        padding_mask_crop=meta["padding_mask_crop"],
+        num_inference_steps=meta["steps"],
+        latents=arrays["latents"],
+        sample_posterior=False,
+        progress=False,
+        seed=0,
+    ).images
+    got = np.stack([np.asarray(im) for im in images])
+    assert got.shape == arrays["images"].shape == (2, 80, 96, 3)
+    _assert_matches(got / 255.0, arrays["images"] / 255.0)
+    kept = arrays["mask"] == 0  # black in the mask: the original photo, exactly
+    assert np.array_equal(got[:, kept], np.broadcast_to(arrays["image"][kept], got[:, kept].shape))
+    assert np.abs(got[:, 30:46, 50:70].astype(int) - arrays["image"][30:46, 50:70]).max() > 10
+
+
+def test_padding_mask_crop_errors(pipe):
+    from PIL import Image
+
+    inp = StableDiffusionInpaintPipeline.from_pipe(pipe)
+    photo, mask = Image.new("RGB", (96, 80)), Image.new("L", (96, 80))
+    kw = dict(num_inference_steps=2, progress=False, seed=0)
+    with pytest.raises(ValueError, match="mask_image is all black"):
+        inp("a", image=photo, mask_image=mask, padding_mask_crop=4, **kw)
+    mask.paste(255, (10, 10, 20, 20))
+    with pytest.raises(ValueError, match="single PIL images, got ndarray and Image"):
+        inp("a", image=np.zeros((80, 96, 3)), mask_image=mask, padding_mask_crop=4, **kw)
+    with pytest.raises(ValueError, match="output_type must be 'pil', got 'np'"):
+        inp("a", image=photo, mask_image=mask, padding_mask_crop=4, output_type="np", **kw)
+    with pytest.raises(ValueError, match="padding_mask_crop must be an int >= 0"):
+        inp("a", image=photo, mask_image=mask, padding_mask_crop=-1, **kw)
+    with pytest.raises(ValueError, match="mask_image is 48x40 but image is 96x80"):
+        inp("a", image=photo, mask_image=mask.resize((48, 40)), padding_mask_crop=4, **kw)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        inp("a", image=photo, mask_image=mask, padding_mask_crop=4, height=60, **kw)
+
+
 def test_depth2img_matches_diffusers(sd_dir, pipe):
     arrays, meta = load_case(COMPONENT, "depth2img_ddim")
     depth = StableDiffusionDepth2ImgPipeline.from_pretrained(
@@ -621,6 +669,21 @@ def test_cli_text2img_img2img_inpaint(sd_dir, tmp_path, capsys):
     args = ["generate", "a cat", "--model", *base, *img, "--mask", str(tmp_path / "mask.png")]
     assert cli_main([*args, "--out", str(tmp_path / "inp.png")]) == 0
     assert "wrote 2 image(s)" in capsys.readouterr().out
+    # padding_mask_crop: a 64x64 crop around the mask, pasted back into the 96x80 photo
+    Image.fromarray(np.full((80, 96, 3), 90, np.uint8)).save(tmp_path / "big.png")
+    big_mask = np.zeros((80, 96), np.uint8)
+    big_mask[30:46, 50:70] = 255
+    Image.fromarray(big_mask).save(tmp_path / "big_mask.png")
+    args = ["generate", "a cat", "--model", *base, "--image", str(tmp_path / "big.png")]
+    args += ["--mask", str(tmp_path / "big_mask.png"), "--padding-mask-crop", "4"]
+    assert cli_main([*args, "--out", str(tmp_path / "crop.png")]) == 0
+    grid = np.asarray(Image.open(tmp_path / "crop.png"))
+    assert grid.shape == (80, 192, 3)  # a 1 x 2 grid of the full-size photos
+    assert (grid[:, :96][big_mask == 0] == 90).all() and (grid[:, 96:][big_mask == 0] == 90).all()
+    assert np.abs(grid[30:46, 50:70].astype(int) - 90).max() > 10
+    args = ["generate", "a cat", "--model", *base, "--padding-mask-crop", "4"]
+    assert cli_main([*args, "--out", str(tmp_path / "z.png")]) == 2
+    assert "--padding-mask-crop needs --image and --mask" in capsys.readouterr().err
     # errors name the argument
     assert cli_main(["generate", "--model", *base, "--out", str(tmp_path / "x.png")]) == 2
     assert "needs a prompt" in capsys.readouterr().err

@@ -11,7 +11,8 @@ Writes ``tests/reference/pipelines_stable_diffusion/``:
   so the files hold exactly the model that made the outputs). Also the README's example model.
 * ``unet_inpaint/``, ``unet_depth/``: the same UNet with 9 and 5 input channels.
 * ``<case>.{safetensors,json}``: inputs (NHWC latents / noise / images) and diffusers'
-  ``output_type="np"`` images (B, H, W, 3) in [0, 1].
+  ``output_type="np"`` images (B, H, W, 3) in [0, 1] (``inpaint_crop``: uint8 PIL images in
+  and out, as ``padding_mask_crop`` requires).
 
 Randomness diffusers draws inside its pipelines is made explicit: text2img and inpaint take
 ``latents``; for img2img and depth2img the forward-process noise is fixed by replacing the
@@ -86,6 +87,7 @@ STEPS = 5
 AYS_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
 CUSTOM_SIGMAS = [14.6, 6.5, 2.9, 1.2, 0.45, 0.1, 0.0]
 HEIGHT = WIDTH = 64
+CROP_PAD = 6  # padding_mask_crop of the inpaint_crop case
 
 
 def _perturb(model, seed: int) -> None:
@@ -332,6 +334,33 @@ def generate(out_dir: Path) -> None:
             meta = {"scheduler": "ddim", "strength": 1.0, "steps": STEPS, "prompt": PROMPTS}
             arrays = {"image": init, "mask": mask, "latents": latents, "images": images}
             save_case(out_dir, name, arrays, meta)
+
+        # padding_mask_crop: a 96x80 photo with a small, soft-edged mask; the 64x64 crop around
+        # it is repainted and pasted back (PIL in, PIL out, as diffusers requires).
+        from PIL import Image
+
+        photo = np.repeat(np.repeat(_images(7, 1)[0], 2, 0), 2, 1)[:80, :96]
+        photo = (photo * 255).round().astype(np.uint8)
+        soft = np.zeros((80, 96), np.uint8)
+        soft[30:46, 50:70] = 255
+        soft[29, 50:70] = soft[46, 50:70] = 128  # grey rows: the paste-back blends them
+        inp = diffusers.StableDiffusionInpaintPipeline(**dict(pipe.components, unet=unets["unet_inpaint"]))  # fmt: skip
+        inp.set_progress_bar_config(disable=True)
+        inp.scheduler = _scheduler(pipe, "ddim")
+        with torch.no_grad():
+            pasted = inp(
+                PROMPTS,
+                image=Image.fromarray(photo),
+                mask_image=Image.fromarray(soft),
+                padding_mask_crop=CROP_PAD,
+                num_inference_steps=STEPS,
+                guidance_scale=7.5,
+                latents=_nchw(latents),
+            ).images
+        meta = {"scheduler": "ddim", "steps": STEPS, "prompt": PROMPTS, "padding_mask_crop": CROP_PAD}  # fmt: skip
+        arrays = {"image": photo, "mask": soft, "latents": latents}
+        arrays["images"] = np.stack([np.asarray(im) for im in pasted])  # uint8 (B, 80, 96, 3)
+        save_case(out_dir, "inpaint_crop", arrays, meta)
     finally:
         inpaint_mod.retrieve_latents = saved
 
