@@ -47,18 +47,20 @@ class ScanProgress:
     _ids = itertools.count(1)
     _lock = threading.Lock()
 
-    def __init__(self, total: int, desc: str = "denoising", enabled: bool = True):
+    def __init__(
+        self, total: int, desc: str = "denoising", enabled: bool = True, **tqdm_kwargs: Any
+    ):
         self.id = next(self._ids)
         self.total = int(total)
         self.enabled = enabled
-        self.desc = desc
+        self.tqdm_kwargs = {"desc": desc, "unit": "step", **tqdm_kwargs}
 
     def __enter__(self) -> ScanProgress:
         if self.enabled:
             from tqdm.auto import tqdm
 
             with self._lock:
-                self._bars[self.id] = tqdm(total=self.total, desc=self.desc, unit="step")
+                self._bars[self.id] = tqdm(total=self.total, **self.tqdm_kwargs)
         return self
 
     def __exit__(self, *exc) -> None:

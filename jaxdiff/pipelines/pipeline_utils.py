@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import __diffusers_version__, hub
+from jaxdiff import __diffusers_version__, hub, sampling
 from jaxdiff.configuration import FrozenConfig, load_config
 from jaxdiff.models.modeling_utils import cast_floating, check_dtype
 from jaxdiff.utils.compile_cache import enable_compilation_cache
@@ -132,19 +132,56 @@ class DiffusionPipeline:
     """Base of every pipeline: ``from_pretrained`` dispatch, components, ``save_pretrained``."""
 
     _components: ClassVar[tuple[str, ...]] = ()
+    # diffusers components jaxdiff does not implement: accepted as None (and then ignored),
+    # so that diffusers code such as ``from_pretrained(repo, safety_checker=None)`` runs.
+    _optional_components: ClassVar[tuple[str, ...]] = ()
+    _ignored_flags: ClassVar[tuple[str, ...]] = ()  # e.g. requires_safety_checker
 
     def __init__(
         self, params: dict[str, Any] | None = None, dtype: Any = jnp.float32, **components
     ):
+        components = self._drop_optional(components, "__init__")
         missing = [n for n in self._components if components.get(n) is None]
         if missing:
             raise ValueError(f"{type(self).__name__} needs the component(s) {missing}")
         object.__setattr__(self, "params", dict(params or {}))
         object.__setattr__(self, "dtype", check_dtype(dtype))
         object.__setattr__(self, "_jit_cache", {})
+        object.__setattr__(self, "_progress_bar_config", {})
         enable_compilation_cache()  # $JAXDIFF_CACHE_DIR, if set
         for name, value in components.items():
             setattr(self, name, value)
+
+    @classmethod
+    def _drop_optional(cls, kwargs: dict[str, Any], method: str) -> dict[str, Any]:
+        """``kwargs`` without the optional components (which must be None) and ignored flags;
+        any other name that is not a component is an error."""
+        unknown = sorted(
+            set(kwargs) - {*cls._components, *cls._optional_components, *cls._ignored_flags}
+        )
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.{method} got unexpected argument(s) {unknown}; its "
+                f"components are {list(cls._components)}"
+            )
+        for name in cls._optional_components:
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"jaxdiff has no {name} component: pass {name}=None or leave it out"
+                )
+        return {k: v for k, v in kwargs.items() if k in cls._components}
+
+    # --------------------------------------------------------------- progress bar
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Options of the denoising loop's tqdm bar, as diffusers: ``disable=True`` turns it
+        off (as ``progress=False``); ``desc``, ``leave``, ``position``... go to tqdm."""
+        object.__setattr__(self, "_progress_bar_config", dict(kwargs))
+
+    def _progress_bar(self, total: int, progress: bool) -> sampling.ScanProgress:
+        """The loop's bar: shown when ``progress`` and the config does not disable it."""
+        config = dict(self._progress_bar_config)
+        enabled = bool(progress) and not config.pop("disable", False)
+        return sampling.ScanProgress(total, enabled=enabled, **config)
 
     # --------------------------------------------------------------- components
     def __setattr__(self, name: str, value: Any) -> None:
@@ -209,6 +246,7 @@ class DiffusionPipeline:
                     f"{MODEL_INDEX} of {pretrained_model_name_or_path} has no _class_name"
                 )
             pipeline_cls = import_class(name, PIPELINE_CLASSES, "pipeline")
+        kwargs = pipeline_cls._drop_optional(kwargs, "from_pretrained")
         components: dict[str, Any] = {}
         params: dict[str, Any] = {}
         for comp in pipeline_cls._components:
@@ -238,10 +276,6 @@ class DiffusionPipeline:
                 components[comp] = comp_cls.from_pretrained(
                     pretrained_model_name_or_path, subfolder=comp, **hub_kwargs
                 )
-        if kwargs:
-            raise TypeError(
-                f"{pipeline_cls.__name__}.from_pretrained got unexpected argument(s) {sorted(kwargs)}"
-            )
         return pipeline_cls(params=params, dtype=dtype, **components)
 
     @classmethod
@@ -268,12 +302,7 @@ class DiffusionPipeline:
                 f"pipeline must be a jaxdiff DiffusionPipeline, got {type(pipeline).__name__}"
             )
         target = type(pipeline) if cls is DiffusionPipeline else cls
-        unknown = sorted(set(kwargs) - set(target._components))
-        if unknown:
-            raise TypeError(
-                f"{target.__name__}.from_pipe got unexpected argument(s) {unknown}; its "
-                f"components are {list(target._components)}"
-            )
+        kwargs = target._drop_optional(kwargs, "from_pipe")
         missing = [
             c for c in target._components if c not in kwargs and getattr(pipeline, c, None) is None
         ]

@@ -295,6 +295,9 @@ class StableDiffusionPipeline(
     """
 
     _components = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    # diffusers' optional components; jaxdiff has no safety checker or IP-adapter encoder
+    _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
+    _ignored_flags = ("requires_safety_checker",)
     task = "txt2img"
     unet_extra_channels = 0
 
@@ -700,10 +703,10 @@ class StableDiffusionPipeline(
                 params = sampling.replicate(params, mesh)
             total_steps = int(more.get("num_steps", state.timesteps.shape[0])) - begin
             with (
-                sampling.ScanProgress(total_steps, enabled=progress) as bar,
+                self._progress_bar(total_steps, progress) as bar,
                 callback if callback is not None else contextlib.nullcontext(),
             ):
-                pid = jnp.asarray(bar.id) if progress else None
+                pid = jnp.asarray(bar.id) if bar.enabled else None
                 out = self._program(spec)(params, batch, scalars, state, pid)
                 out = jax.block_until_ready(out)
         out = np.asarray(out)[:total]

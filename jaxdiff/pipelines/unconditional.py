@@ -155,13 +155,13 @@ class UnconditionalPipeline(DiffusionPipeline):
                 keys = sampling.shard_batch(keys, mesh)
                 params = sampling.replicate(params, mesh)
             total = int(state.timesteps.shape[0])
-            with sampling.ScanProgress(total, enabled=progress) as bar:
+            with self._progress_bar(total, progress) as bar:
                 images = self._sample_fn(mesh, static_kwargs)(
                     params,
                     keys,
                     state,
                     step_kwargs,
-                    jnp.asarray(bar.id) if progress else None,
+                    jnp.asarray(bar.id) if bar.enabled else None,
                     shape=(padded, h, w, c.in_channels),
                 )
                 images = jax.block_until_ready(images)

@@ -183,6 +183,22 @@ def test_textual_inversion_tokens_carry_over(shared_pipe):
     assert fresh._ti_state()["tokens"] == []
 
 
+def test_diffusers_optional_components_are_accepted_as_none(sd_dir, shared_pipe):
+    # diffusers code passes these; jaxdiff has no safety checker or image encoder
+    none = dict(safety_checker=None, feature_extractor=None, image_encoder=None)
+    pipe = _load(DiffusionPipeline, sd_dir, requires_safety_checker=False, **none)
+    assert type(pipe) is StableDiffusionPipeline and not hasattr(pipe, "safety_checker")
+    again = StableDiffusionPipeline(
+        params=shared_pipe.params, **shared_pipe.components, requires_safety_checker=False, **none
+    )
+    assert again.unet is shared_pipe.unet
+    assert type(StableDiffusionImg2ImgPipeline.from_pipe(again, **none)).__name__.endswith("Img2ImgPipeline")  # fmt: skip
+    with pytest.raises(ValueError, match="no image_encoder component"):
+        StableDiffusionPipeline(
+            **shared_pipe.components, params=shared_pipe.params, image_encoder=1
+        )
+
+
 def test_errors(sd_dir, shared_pipe, tmp_path):
     with pytest.raises(OSError, match=r"from_pretrained.*from_pipe"):
         AutoPipelineForText2Image()
@@ -193,8 +209,10 @@ def test_errors(sd_dir, shared_pipe, tmp_path):
     depth = StableDiffusionDepth2ImgPipeline.from_pipe(shared_pipe)
     with pytest.raises(ValueError, match="no pipeline for 'StableDiffusionDepth2ImgPipeline'"):
         AutoPipelineForText2Image.from_pipe(depth)
-    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['safety_checker'\]"):
-        StableDiffusionPipeline.from_pipe(shared_pipe, safety_checker=None)
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['schedular'\]"):
+        StableDiffusionPipeline.from_pipe(shared_pipe, schedular=shared_pipe.scheduler)
+    with pytest.raises(ValueError, match="no safety_checker component: pass safety_checker=None"):
+        StableDiffusionPipeline.from_pipe(shared_pipe, safety_checker=object())
     with pytest.raises(ValueError, match="is a model: assign"):
         StableDiffusionPipeline.from_pipe(shared_pipe, unet=shared_pipe.unet)
     ddpm = DDPMPipeline(

@@ -137,9 +137,17 @@ def test_progress_bar_is_driven_from_the_scan(pipe, capsys):
     pipe(batch_size=1, num_inference_steps=4, seed=0, output_type="np", progress=True)
     err = capsys.readouterr().err
     assert "denoising" in err and "4/4" in err
+    pipe.set_progress_bar_config(desc="cats", leave=True)  # diffusers' method: tqdm options
+    pipe(batch_size=1, num_inference_steps=3, seed=0, output_type="np", progress=True)
+    err = capsys.readouterr().err
+    assert "cats" in err and "denoising" not in err and "3/3" in err
+    pipe.set_progress_bar_config(disable=True)
+    pipe(batch_size=1, num_inference_steps=3, seed=0, output_type="np", progress=True)
+    assert "3/3" not in capsys.readouterr().err
+    pipe.set_progress_bar_config()
 
 
-def test_bad_arguments(pipe):
+def test_bad_arguments(pipe, tiny_dir):
     with pytest.raises(ValueError, match="pass seed=<int> or key="):
         pipe(batch_size=1, num_inference_steps=2)
     with pytest.raises(ValueError, match="output_type must be 'pil' or 'np'"):
@@ -152,6 +160,10 @@ def test_bad_arguments(pipe):
         scheduler_class("lms")
     with pytest.raises(ValueError, match="needs the component"):
         DDPMPipeline(unet=None, scheduler=pipe.scheduler)
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['schedular'\]"):
+        DDPMPipeline(unet=pipe.unet, schedular=pipe.scheduler)
+    with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['safety_checker'\]"):
+        DDPMPipeline.from_pretrained(tiny_dir, safety_checker=None)
 
 
 def test_save_pretrained_round_trip(pipe, tmp_path):
