@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 
 from jaxdiff.models.unet_2d_condition import UNet2DConditionModel
-from jaxdiff.pipelines import DiffusionPipeline
+from jaxdiff.pipelines import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    DiffusionPipeline,
+)
 from jaxdiff.pipelines.pipeline_utils import scheduler_class
 from jaxdiff.pipelines.stable_diffusion import (
     StableDiffusionDepth2ImgPipeline,
@@ -164,8 +168,7 @@ def test_prompt_embeds_equal_prompts(pipe):
 @pytest.mark.parametrize("case", ["img2img_ddim", "img2img_euler", "img2img_euler_timesteps"])
 def test_img2img_matches_diffusers(sd_dir, pipe, case):
     arrays, meta = load_case(COMPONENT, case)
-    img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
-    img.scheduler = _scheduler(pipe, meta["scheduler"])
+    img = AutoPipelineForImage2Image.from_pipe(pipe, scheduler=_scheduler(pipe, meta["scheduler"]))
     images = img(
         meta["prompt"],
         image=arrays["image"],
@@ -187,7 +190,8 @@ def test_inpaint_matches_diffusers(sd_dir, pipe, case, unet):
     kwargs = {}
     if unet is not None:
         kwargs["unet"] = UNet2DConditionModel.from_pretrained(sd_dir.parent / unet)
-    inp = StableDiffusionInpaintPipeline.from_pretrained(sd_dir, **kwargs)
+    with pytest.warns(UserWarning, match="clip_sample"):  # SD 1.5's PNDM config carries it
+        inp = AutoPipelineForInpainting.from_pretrained(sd_dir, **kwargs)
     inp.scheduler = _scheduler(pipe, "ddim")
     images = inp(
         meta["prompt"],
@@ -558,7 +562,11 @@ _MULTI = RECORD_COMPILES + textwrap.dedent(
     import sys, warnings
     import numpy as np
     warnings.simplefilter("ignore")
-    from jaxdiff.pipelines import DiffusionPipeline
+    from jaxdiff.pipelines import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    DiffusionPipeline,
+)
     from jaxdiff.schedulers import EulerAncestralDiscreteScheduler
     pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -612,7 +620,11 @@ _CACHE_RUN = textwrap.dedent(
     warnings.simplefilter("ignore")
     events = []
     jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
-    from jaxdiff.pipelines import DiffusionPipeline
+    from jaxdiff.pipelines import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    DiffusionPipeline,
+)
     pipe = DiffusionPipeline.from_pretrained(sys.argv[1])  # reads $JAXDIFF_CACHE_DIR
     pipe("a cat", num_inference_steps=2, output_type="np", progress=False, seed=0)
     hits = events.count("/jax/compilation_cache/cache_hits")
