@@ -562,11 +562,7 @@ _MULTI = RECORD_COMPILES + textwrap.dedent(
     import sys, warnings
     import numpy as np
     warnings.simplefilter("ignore")
-    from jaxdiff.pipelines import (
-    AutoPipelineForImage2Image,
-    AutoPipelineForInpainting,
-    DiffusionPipeline,
-)
+    from jaxdiff.pipelines import DiffusionPipeline
     from jaxdiff.schedulers import EulerAncestralDiscreteScheduler
     pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -620,11 +616,7 @@ _CACHE_RUN = textwrap.dedent(
     warnings.simplefilter("ignore")
     events = []
     jax.monitoring.register_event_listener(lambda name, **kw: events.append(name))
-    from jaxdiff.pipelines import (
-    AutoPipelineForImage2Image,
-    AutoPipelineForInpainting,
-    DiffusionPipeline,
-)
+    from jaxdiff.pipelines import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(sys.argv[1])  # reads $JAXDIFF_CACHE_DIR
     pipe("a cat", num_inference_steps=2, output_type="np", progress=False, seed=0)
     hits = events.count("/jax/compilation_cache/cache_hits")
