@@ -246,17 +246,26 @@ class ConfigMixin(_ConfigBase):
         """Builds the object from a config dict, a ``FrozenConfig`` or another object's config.
 
         Keys of another class (``DDPMScheduler.from_config(ddim.config)``) that this class does
-        not use are kept quietly: swapping schedulers is the documented use.
+        not use are kept quietly in ``.config``, as diffusers: swapping schedulers is the
+        documented use, and some are still read (an Euler config's ``sigma_min`` / ``sigma_max``
+        bound DPM-Solver's Karras sigmas).
         """
         config = cls._config_dict(config if config is not None else {})
+        other = {}
         if config.get("_class_name", cls.__name__) != cls.__name__:
             names, _, _ = _accepted_keys(cls)
-            config = {k: v for k, v in config.items() if k in names or k == USE_DEFAULT_VALUES}
+            defaults = set(config.get(USE_DEFAULT_VALUES, ()))
+            other = {
+                k: v
+                for k, v in config.items()
+                if k not in names and not k.startswith("_") and k not in defaults
+            }
+            config = {k: v for k, v in config.items() if k not in other}
         kwargs, unknown = split_config(cls, config, **overrides)
         obj = cls(**kwargs)
-        if unknown:
+        if unknown or other:  # diffusers keeps the other class's keys too (its hidden config)
             keep = {k: obj.config[k] for k in (USE_DEFAULT_VALUES,) if k in obj.config}
-            obj._register_config(dict(obj.config), {**unknown, **keep})
+            obj._register_config(dict(obj.config), {**other, **unknown, **keep})
         return obj
 
     @classmethod

@@ -243,8 +243,10 @@ def denoise(
 def pad_state(state: Any, max_steps: int) -> Any:
     """``state`` (N steps) padded to the shapes of a ``max_steps`` state, so that every step
     count up to ``max_steps`` gives one program: ``timesteps`` (N,) is padded to
-    (max_steps,) with ``-1`` (which :func:`jaxdiff.schedulers.common.count_steps` skips) and
-    ``sigmas`` (N + 1,), where the scheduler has them, to (max_steps + 1,) with its last value.
+    (max_steps,) with NaN (float timesteps) or ``-1`` (integer ones), which
+    :func:`jaxdiff.schedulers.common.count_steps` skips, and
+    ``sigmas`` (N + 1,) or (N + 2,), where the scheduler has them, to (max_steps + 1,) or
+    (max_steps + 2,) with its last value.
     Run the padded state with ``denoise(..., num_steps=N)``.
     """
     n = int(state.timesteps.shape[0])
@@ -257,12 +259,14 @@ def pad_state(state: Any, max_steps: int) -> Any:
         tail = jnp.full((extra,) + a.shape[1:], fill, a.dtype) if fill is not None else None
         return jnp.concatenate([a, jnp.repeat(a[-1:], extra, 0) if tail is None else tail])
 
-    new = {"timesteps": pad(state.timesteps, max_steps, -1)}
+    floating = jnp.issubdtype(jnp.asarray(state.timesteps).dtype, jnp.floating)
+    new = {"timesteps": pad(state.timesteps, max_steps, jnp.nan if floating else -1)}
     sigmas = getattr(state, "sigmas", None)
     if sigmas is not None:
-        if sigmas.shape[0] != n + 1:
-            raise ValueError(f"expected {n + 1} sigmas for {n} steps, got {sigmas.shape[0]}")
-        new["sigmas"] = pad(sigmas, max_steps + 1, None)
+        levels = sigmas.shape[0] - n  # 1, or 2 for Euler's "log_linear" (N + 2 levels)
+        if levels not in (1, 2):
+            raise ValueError(f"expected {n + 1} or {n + 2} sigmas for {n} steps, got {n + levels}")
+        new["sigmas"] = pad(sigmas, max_steps + levels, None)
     return state.replace(**new)
 
 

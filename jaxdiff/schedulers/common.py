@@ -338,6 +338,9 @@ def count_steps(timesteps: jax.Array) -> jax.Array:
 
     Fixed-shape pipelines pad every state to the ``num_train_timesteps`` state so that a new
     step count does not recompile (:func:`jaxdiff.sampling.pad_state`); the padding holds
-    timestep ``-1``, so N is the count of non-negative entries (a traced scalar).
+    timestep NaN (float timesteps, which may be negative: continuous-time v-prediction uses
+    log(σ)/4) or ``-1`` (integer ones), so N counts the other entries (a traced scalar).
     """
-    return jnp.sum(jnp.asarray(timesteps) >= 0).astype(jnp.int32)
+    t = jnp.asarray(timesteps)
+    real = ~jnp.isnan(t) if jnp.issubdtype(t.dtype, jnp.floating) else t >= 0
+    return jnp.sum(real).astype(jnp.int32)

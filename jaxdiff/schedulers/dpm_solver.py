@@ -113,6 +113,13 @@ def _unpack(f, operands):
     return f(*operands)
 
 
+def _sqrt0(v: jax.Array) -> jax.Array:
+    r"""The SDE solvers' noise scales :math:`\sqrt{1-e^{-2h}}` and :math:`\sqrt{e^{2h}-1}`
+    (Lu et al. 2022b, Eq. 11), clamped at 0: a last step to ``final_sigmas_type="sigma_min"``
+    can have :math:`h` a rounding error below 0, where the square root would be NaN."""
+    return jnp.sqrt(jnp.maximum(v, 0.0))
+
+
 class DPMSolverMultistepScheduler(SchedulerMixin):
     r"""Multistep DPM-Solver / DPM-Solver++ of order 1-3 (Lu et al. 2022a, Eq. 3.7; Lu et al.
     2022b, Algorithm 2).
@@ -263,9 +270,8 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             if c.use_karras_sigmas and round_t:
                 t = t.round()
         elif c.use_lu_lambdas:  # Lu et al. 2022b, App.: uniform steps in log σ
-            lambdas = np.flip(log_sigmas.copy())
-            ramp = np.linspace(0, 1, n)
-            lambdas = lambdas[0] + ramp * (lambdas[-1] - lambdas[0])
+            lam_max, lam_min = float(log_sigmas[-1]), float(log_sigmas[0])  # float64, as diffusers
+            lambdas = lam_max + np.linspace(0, 1, n) * (lam_min - lam_max)
             sig = np.exp(lambdas)
             t = sigmas_to_timesteps(sig, log_sigmas)
             if round_t:
@@ -365,12 +371,12 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             return (
                 (sigma_t / sigma_s * jnp.exp(-h)) * x
                 + (alpha_t * (1 - jnp.exp(-2.0 * h))) * m0
-                + sigma_t * jnp.sqrt(1.0 - jnp.exp(-2 * h)) * noise
+                + sigma_t * _sqrt0(1.0 - jnp.exp(-2 * h)) * noise
             )
         return (  # sde-dpmsolver
             (alpha_t / alpha_s) * x
             - 2.0 * (sigma_t * (jnp.exp(h) - 1.0)) * m0
-            + sigma_t * jnp.sqrt(jnp.exp(2 * h) - 1.0) * noise
+            + sigma_t * _sqrt0(jnp.exp(2 * h) - 1.0) * noise
         )
 
     def _second_order(self, sigmas, i, history, x, noise):
@@ -397,7 +403,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             base = (
                 (sigma_t / sigma_s0 * jnp.exp(-h)) * x
                 + (alpha_t * (1 - jnp.exp(-2.0 * h))) * D0
-                + sigma_t * jnp.sqrt(1.0 - jnp.exp(-2 * h)) * noise
+                + sigma_t * _sqrt0(1.0 - jnp.exp(-2 * h)) * noise
             )
             if midpoint:
                 return base + 0.5 * (alpha_t * (1 - jnp.exp(-2.0 * h))) * D1
@@ -405,7 +411,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         base = (  # sde-dpmsolver
             (alpha_t / alpha_s0) * x
             - 2.0 * (sigma_t * (jnp.exp(h) - 1.0)) * D0
-            + sigma_t * jnp.sqrt(jnp.exp(2 * h) - 1.0) * noise
+            + sigma_t * _sqrt0(jnp.exp(2 * h) - 1.0) * noise
         )
         if midpoint:
             return base - (sigma_t * (jnp.exp(h) - 1.0)) * D1
@@ -443,7 +449,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             + (alpha_t * (1.0 - jnp.exp(-2.0 * h))) * D0
             + (alpha_t * ((1.0 - jnp.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1
             + (alpha_t * ((1.0 - jnp.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2
-            + sigma_t * jnp.sqrt(1.0 - jnp.exp(-2 * h)) * noise
+            + sigma_t * _sqrt0(1.0 - jnp.exp(-2 * h)) * noise
         )
 
     # -- step ------------------------------------------------------------------------------

@@ -292,7 +292,9 @@ class EulerDiscreteScheduler(SchedulerMixin):
             timesteps = np.asarray(timesteps, dtype=np.float32)
         else:
             timesteps = float_spaced_timesteps(c, num_inference_steps)
-        n = len(timesteps)
+        # N: "trailing" can give N + 1 timesteps (T / N does not divide T), but the levels
+        # below are sized by N itself, as diffusers.
+        n = num_inference_steps if num_inference_steps is not None else len(timesteps)
         if c.interpolation_type == "linear":
             sig = np.interp(timesteps, np.arange(len(self.train_sigmas)), self.train_sigmas)
         else:  # log_linear: N + 1 geometric levels from σ_max to σ_min, as diffusers
@@ -330,6 +332,14 @@ class EulerDiscreteScheduler(SchedulerMixin):
             c[k] for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
         ):
             raise ValueError("custom timesteps cannot be used with Karras/exponential/beta sigmas")
+        if timesteps is not None and (c.timestep_type, c.prediction_type) == (
+            "continuous",
+            "v_prediction",
+        ):
+            raise ValueError(
+                "custom timesteps cannot be used with timestep_type='continuous' and "
+                "prediction_type='v_prediction' (its timesteps are log(σ)/4): pass sigmas"
+            )
         if num_inference_steps is not None:
             check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
         t, sig = self._schedule(num_inference_steps, timesteps, sigmas)
@@ -389,11 +399,12 @@ class EulerDiscreteScheduler(SchedulerMixin):
         model_output = model_output.astype(jnp.float32)
         i = state.step_index
         sigma = state.sigmas[i]
-        # diffusers divides S_churn by len(sigmas) - 1: N, or N + 1 for "log_linear", whose
-        # schedule has N + 2 levels. count_steps is N also for padded states (traced).
-        n_steps = count_steps(state.timesteps)
-        if self.config.interpolation_type == "log_linear":
-            n_steps = n_steps + 1
+        # diffusers divides S_churn by len(sigmas) - 1: N, or N + 1 where the schedule has
+        # N + 2 levels ("log_linear" without a Karras/exponential/beta conversion). count_steps
+        # is N also for padded states (traced), which pad_state keeps at N + 1 levels.
+        n_steps = count_steps(state.timesteps) + (
+            state.sigmas.shape[0] - 1 - state.timesteps.shape[0]
+        )
 
         # Algorithm 2, line 4: γ_i = min(S_churn / N, √2 - 1) if S_tmin <= σ_i <= S_tmax else 0
         # (N = len(sigmas) - 1, as diffusers).

@@ -20,6 +20,7 @@ SCHEDULERS = [
     (DDPMScheduler, {}),
     (DDIMScheduler, {}),
     (EulerDiscreteScheduler, {}),
+    (EulerDiscreteScheduler, {"interpolation_type": "log_linear"}),  # N + 2 sigmas
     (EulerAncestralDiscreteScheduler, {}),
     (DPMSolverMultistepScheduler, {"solver_order": 2}),
     (DPMSolverMultistepScheduler, {"solver_order": 3}),  # lower_order_final with N < 15
@@ -56,3 +57,25 @@ def test_padded_state_with_traced_count_equals_plain_scan(cls, extra, steps):
     got = run(padded, jnp.int32(len(state.timesteps)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     assert run._cache_size() == 1
+
+
+@pytest.mark.parametrize("steps", [3, 12])
+def test_padded_churn_counts_steps_with_negative_continuous_timesteps(steps):
+    """Continuous-time v-prediction's timesteps are log(σ)/4, negative below σ = 1: the padding
+    (NaN for float timesteps) must still leave N = count_steps for the churn's S_churn / N."""
+    scheduler = EulerDiscreteScheduler(prediction_type="v_prediction", timestep_type="continuous")
+    shape = (2, 4, 4, 3)
+    x_T = jax.random.normal(jax.random.key(0), shape)
+    keys = sampling.image_keys(jax.random.key(1), 2)
+    kw = {"step_kwargs": {"s_churn": 1.0}}
+    state = scheduler.set_timesteps(steps)
+    assert float(state.timesteps[-1]) < 0
+    want = sampling.denoise(model_fn, scheduler, state, x_T * state.init_noise_sigma, keys, **kw)
+    padded = sampling.pad_state(state, 1000)
+    assert int(count_steps(padded.timesteps)) == steps
+    got = jax.jit(
+        lambda st, n: sampling.denoise(
+            model_fn, scheduler, st, x_T * st.init_noise_sigma, keys, num_steps=n, **kw
+        )
+    )(padded, jnp.int32(steps))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)

@@ -28,7 +28,12 @@ from jaxdiff.pipelines.stable_diffusion import (
     begin_index_for_strength,
     torch_bicubic_matrix,
 )
-from jaxdiff.schedulers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+from jaxdiff.schedulers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
 from tests.compile_events import RECORD_COMPILES
 from tests.reference_io import load_case, reference_dir
 
@@ -500,6 +505,30 @@ def test_callback_on_step_end_matches_diffusers(pipe, sd_dir):
     img2img(["a cat", "a dog"], image=image, strength=0.5, seed=0, progress=False,
             callback_on_step_end=make(got_i, False), **kw)  # fmt: skip
     assert got_i == want_i and [i for i, _ in got_i] == [0, 1]
+
+
+@pytest.mark.parity
+def test_euler_log_linear_matches_diffusers(pipe, sd_dir):
+    """Euler's "log_linear" schedule has N + 2 noise levels; the pipeline's fixed-shape padded
+    state (no recompile per step count) used to reject it."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from tests.pipelines.sd_helpers import diffusers_sd_pipe
+
+    ref = diffusers_sd_pipe(sd_dir)
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        ref.scheduler.config, interpolation_type="log_linear"
+    )
+    latents = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    kw = dict(num_inference_steps=4, output_type="np")
+    with torch.no_grad():
+        want = ref("a cat", latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()),
+                   **kw).images  # fmt: skip
+    pipe.scheduler = EulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, interpolation_type="log_linear"
+    )
+    got = pipe("a cat", latents=latents, seed=0, progress=False, **kw).images
+    _assert_matches(got, want)
 
 
 def test_callback_on_step_end_errors(pipe):

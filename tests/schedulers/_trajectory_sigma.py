@@ -53,6 +53,7 @@ def run_jax(
     residuals = jnp.asarray(inputs["residuals"])
     noises = jnp.asarray(inputs["noises"])
     state = scheduler.set_timesteps(n, shape=sample.shape if scan else None)
+    n = state.timesteps.shape[0]  # N + 1 for "trailing" when T / N does not divide T
     x0 = (sample * state.init_noise_sigma).astype(dtype)
 
     def body(carry, xs):
@@ -186,10 +187,10 @@ def run_live(cls, config: dict, n: int, step_kwargs: dict | None = None, name: s
     from weights_conversion.reference.schedulers_euler_dpm import make_inputs, run_diffusers
 
     step_kwargs = step_kwargs or {}
-    inputs = make_inputs(name, config, n)
-    expected = run_diffusers(cls.__name__, config, n, inputs, step_kwargs)
     sched = cls(**config)
     state = sched.set_timesteps(n)
+    inputs = make_inputs(name, config, state.timesteps.shape[0])  # one residual per timestep
+    expected = run_diffusers(cls.__name__, config, n, inputs, step_kwargs)
     np.testing.assert_allclose(
         np.asarray(state.timesteps, np.float64), expected["timesteps"], rtol=1e-6, atol=1e-6
     )

@@ -67,6 +67,25 @@ def test_live_parity_log_linear_churn():
     )
 
 
+@requires_reference
+@pytest.mark.parametrize(
+    ("config", "n", "step_kwargs"),
+    [
+        # S_churn / N with N = len(sigmas) - 1 (timesteps are negative here, N + 1 levels
+        # after a Karras conversion of "log_linear", N + 1 timesteps for "trailing" at 61)
+        ({"prediction_type": "v_prediction", "timestep_type": "continuous"}, 10, {"s_churn": 1.0}),
+        ({"interpolation_type": "log_linear", "use_karras_sigmas": True}, 10, {"s_churn": 1.0}),
+        ({"interpolation_type": "log_linear", "use_beta_sigmas": True}, 7, {"s_churn": 2.0}),
+        ({"timestep_spacing": "trailing", "use_karras_sigmas": True}, 61, {"s_churn": 1.0}),
+        ({"timestep_spacing": "trailing", "interpolation_type": "log_linear"}, 61, {}),
+    ],
+)
+def test_live_parity_step_count_edge_cases(config, n, step_kwargs):
+    """Regressions found by fuzzing against diffusers: the Karras/exponential/beta and
+    "log_linear" levels are sized by num_inference_steps, not by the timesteps' length."""
+    run_live(EulerDiscreteScheduler, config, n, step_kwargs, name="euler_edge_live")
+
+
 def test_karras_sigmas_eq5():
     s = karras_sigmas(0.1, 10.0, 5, rho=7.0)
     ramp = np.linspace(0, 1, 5)
@@ -174,6 +193,20 @@ def test_set_begin_index():
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EulerDiscreteScheduler(**kwargs)
+
+
+def test_custom_timesteps_and_custom_sigmas_errors():
+    """As diffusers: custom timesteps cannot be combined with Karras sigmas or with continuous
+    v-prediction (whose timesteps are log(σ)/4, computed from σ)."""
+    with pytest.raises(ValueError, match="Karras/exponential/beta"):
+        EulerDiscreteScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[900, 500])
+    continuous_v = EulerDiscreteScheduler(
+        prediction_type="v_prediction", timestep_type="continuous"
+    )
+    with pytest.raises(ValueError, match="timestep_type='continuous'.*pass sigmas"):
+        continuous_v.set_timesteps(timesteps=[900, 500, 100])
+    state = continuous_v.set_timesteps(sigmas=[14.0, 1.0, 0.1, 0.0])
+    np.testing.assert_allclose(np.asarray(state.timesteps), 0.25 * np.log([14.0, 1.0, 0.1]))
 
 
 @pytest.mark.parametrize("n", [0, 1001])

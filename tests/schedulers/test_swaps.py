@@ -30,6 +30,10 @@ def _configs():
     yield "ddpm_in_memory", schedulers.DDPMScheduler().config
     yield "ddpm_all_fields", json.loads(schedulers.DDPMScheduler().config.to_json_string())
     yield "sd15", SD15
+    # Euler's sigma_min / sigma_max are not DPM-Solver fields, yet diffusers keeps them in the
+    # swapped config and its Karras sigmas use them.
+    bounded = schedulers.EulerDiscreteScheduler(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10)
+    yield "euler_sigma_bounds", json.loads(bounded.config.to_json_string())
 
 
 @pytest.mark.parametrize("target", NAMES)
@@ -66,6 +70,8 @@ def test_swapped_timesteps_and_sigmas_match_diffusers(target, tmp_path):
         np.testing.assert_allclose(
             float(state.init_noise_sigma), float(ref.init_noise_sigma), rtol=1e-6, err_msg=name
         )
+        public = sorted(k for k in ref.config if not k.startswith("_"))
+        assert sorted(k for k in ours.config if not k.startswith("_")) == public, name
         for key, value in ref.config.items():
             if not key.startswith("_") and key in ours.config:
                 mine = ours.config[key]
