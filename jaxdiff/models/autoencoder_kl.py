@@ -438,13 +438,7 @@ class AutoencoderKL(FlaxModelMixin, nn.Module):
                 f"x has {x.shape[-1]} channels (last axis, NHWC) but the VAE expects "
                 f"in_channels={self.in_channels}; got shape {x.shape}"
             )
-        f = self.downsample_factor
-        if x.shape[1] % f or x.shape[2] % f:
-            raise ValueError(
-                f"x height and width must be multiples of {f} "
-                f"(2 ** (len(block_out_channels) - 1)), got {x.shape[1]}x{x.shape[2]}"
-            )
-        return x
+        return x  # any size from 2 ** (len(block_out_channels) - 1) up: the Encoder checks
 
     def _check_latent(self, z: Array) -> Array:
         z = jnp.asarray(z)
@@ -511,8 +505,10 @@ class AutoencoderKL(FlaxModelMixin, nn.Module):
         r"""Image -> posterior :math:`q(z \mid x)`.
 
         Args:
-            x: ``(B, H, W, in_channels)`` images in ``[-1, 1]``; ``H`` and ``W`` multiples of
-                ``2 ** (len(block_out_channels) - 1)``.
+            x: ``(B, H, W, in_channels)`` images in ``[-1, 1]``; ``H`` and ``W`` at least
+                ``f = 2 ** (len(block_out_channels) - 1)``. Sizes that are not multiples of
+                ``f`` give ``floor(H / f)`` latent rows, as diffusers (each downsampling pads
+                one row and column at the bottom/right).
             slice: one image at a time (``lax.map``); default ``use_slicing``.
             tile: tiled encoding when ``H`` or ``W`` exceeds ``sample_size``; default
                 ``use_tiling``.

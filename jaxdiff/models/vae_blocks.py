@@ -187,7 +187,7 @@ class Encoder(nn.Module):
 
     With ``double_z`` the output has ``2 * out_channels`` channels: the mean and log-variance
     of the diagonal Gaussian posterior. Spatial size shrinks by
-    ``2 ** (len(block_out_channels) - 1)``.
+    ``f = 2 ** (len(block_out_channels) - 1)`` (``floor(H / f)`` for any ``H >= f``).
     """
 
     in_channels: int = 3
@@ -208,6 +208,13 @@ class Encoder(nn.Module):
         _check_block_types(
             "down_block_types", tuple(self.down_block_types), DOWN_ENCODER_BLOCKS, len(boc)
         )
+        f = 2 ** (len(boc) - 1)
+        if min(sample.shape[1:3]) < f:  # a stride-2 3x3 conv would then see fewer than 3 rows
+            raise ValueError(
+                f"the VAE encoder needs images (or tiles) of at least {f}x{f} pixels "
+                f"({len(boc) - 1} stride-2 downsamplings), got "
+                f"{sample.shape[1]}x{sample.shape[2]}"
+            )
         dtype = self.dtype
         h = conv(boc[0], dtype=dtype, name="conv_in")(sample.astype(dtype))
         output_channel = boc[0]

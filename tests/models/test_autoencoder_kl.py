@@ -326,7 +326,7 @@ def test_config_weights_mismatch_is_reported(base):
     [
         ("encode", (2, 16, 16, 4), "x has 4 channels .* in_channels=3"),
         ("encode", (16, 16, 3), "4-D NHWC"),
-        ("encode", (1, 15, 16, 3), "multiples of 2"),
+        ("encode", (1, 1, 16, 3), "at least 2x2 pixels .* got 1x16"),
         ("decode", (1, 8, 8, 3), "z has 3 channels .* latent_channels=4"),
         ("decode", (8, 8, 4), "4-D NHWC"),
         ("__call__", (1, 3, 16, 16), "x has 16 channels"),
@@ -419,6 +419,37 @@ def test_live_parity_other_config_odd_sizes():
     assert relative_l2(post.mean, want["mean"]) < TOL
     assert relative_l2(post.logvar, want["logvar"]) < TOL
     assert relative_l2(_decode(model, params, z), want["decoded"]) < TOL
+
+
+@requires_reference
+def test_live_parity_encode_sizes_not_multiples_of_the_downsampling():
+    """diffusers encodes any size from 2 ** (levels - 1) up (each downsampling pads one row and
+    column at the bottom/right), giving floor(H / f) latent rows; jaxdiff used to reject it."""
+    cfg = dict(
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=32,
+    )
+    tv = _torch_vae(cfg, seed=5)
+    model = AutoencoderKL.from_config(dict(tv.config))
+    params = model.params_from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((1, 2, 3, 4)).astype(np.float32)
+    for shape, latent in (
+        ((1, 13, 21, 3), (1, 2)),
+        ((2, 37, 30, 3), (4, 3)),
+        ((1, 8, 9, 3), (1, 1)),
+    ):
+        x = rng.uniform(-1, 1, shape).astype(np.float32)
+        want = _torch_run(tv, x, z)
+        post = _encode(model, params, x)
+        assert post.mean.shape[1:3] == want["mean"].shape[1:3] == latent
+        assert relative_l2(post.mean, want["mean"]) < TOL
+        assert relative_l2(post.logvar, want["logvar"]) < TOL
+    with pytest.raises(ValueError, match="at least 8x8 pixels"):
+        _encode(model, params, np.zeros((1, 7, 9, 3), np.float32))
 
 
 @requires_reference
