@@ -275,6 +275,7 @@ class _Spec:
     traced_steps: bool
     sample_posterior: bool
     fresh_start: bool  # inpaint: z_T is pure noise (strength 1 or latents given)
+    given_masked_latents: bool = False  # inpaint: masked_image_latents given
     step_callback: bool = False  # callback_on_step_end (its id is an argument)
 
 
@@ -418,10 +419,13 @@ class StableDiffusionPipeline(
                         :, :, nearest_indices(mask.shape[2], w)
                     ]
                     if unet.config.in_channels == 9:
-                        masked = image * (mask < 0.5)
-                        z_masked = self._vae_encode(
-                            params["vae"], masked, masked_keys, spec.sample_posterior
-                        )
+                        if spec.given_masked_latents:
+                            z_masked = batch["masked_latents"].astype(jnp.float32)
+                        else:
+                            masked = image * (mask < 0.5)
+                            z_masked = self._vae_encode(
+                                params["vae"], masked, masked_keys, spec.sample_posterior
+                            )
                         extra = jnp.concatenate([mask_lat, z_masked], axis=-1)
                     else:
                         n_steps = count_steps(state.timesteps)
@@ -569,6 +573,7 @@ class StableDiffusionPipeline(
         image=None,
         mask=None,
         depth=None,
+        masked_latents=None,
     ) -> ImagePipelineOutput:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -627,9 +632,19 @@ class StableDiffusionPipeline(
                     f"channels; NHWC), got {latents.shape}"
                 )
             per_image["latents"] = latents
-        for name, value in (("image", image), ("mask", mask), ("depth", depth)):
+        if masked_latents is not None:
+            want = (latent_shape[1], latent_shape[2], self.vae.config.latent_channels)
+            if masked_latents.ndim != 4 or masked_latents.shape[1:] != want:
+                raise ValueError(
+                    f"masked_image_latents must have shape (1 or {n_prompts}, {want[0]}, "
+                    f"{want[1]}, {want[2]}) (height/{vsf}, width/{vsf}, latent channels; NHWC), "
+                    f"got {masked_latents.shape}"
+                )
+        inputs = (("image", image), ("mask", mask), ("depth", depth))
+        for name, value in (*inputs, ("masked_latents", masked_latents)):
             if value is not None:
-                value = _match_batch(value, n_prompts, name if name != "mask" else "mask_image")
+                arg = {"mask": "mask_image", "masked_latents": "masked_image_latents"}
+                value = _match_batch(value, n_prompts, arg.get(name, name))
                 per_image[name] = np.repeat(value, num_images_per_prompt, axis=0)
 
         schedule = custom_schedule(self.scheduler, timesteps, sigmas)
@@ -672,6 +687,7 @@ class StableDiffusionPipeline(
             sample_posterior=bool(sample_posterior),
             fresh_start=latents is not None or strength == 1.0,
             step_callback=callback_on_step_end is not None,
+            given_masked_latents=masked_latents is not None,
         )
         scalars = {"guidance_scale": jnp.float32(guidance_scale)}
         if guidance_rescale is not None:  # text2img: always traced, so a new value never recompiles
@@ -937,6 +953,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         callback_on_step_end: Any = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         padding_mask_crop: int | None = None,
+        masked_image_latents: Any = None,
     ) -> ImagePipelineOutput | tuple:
         """As :class:`StableDiffusionPipeline`, plus:
 
@@ -952,11 +969,19 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                 the result is pasted back into the original image, which shows through
                 where the mask is black (:mod:`jaxdiff.utils.mask_crop`). Needs one PIL
                 image and one PIL mask (any size) and ``output_type="pil"``, as diffusers.
+            masked_image_latents: the VAE latents of the masked image, NHWC (1 or one per
+                prompt, height/8, width/8, latent channels), already multiplied by the VAE's
+                ``scaling_factor``: the 9-channel UNet's extra input, used instead of
+                encoding ``image * (mask < 0.5)`` (as diffusers).
         """
         if image is None or mask_image is None:
             raise ValueError("inpainting needs both image and mask_image")
         if padding_mask_crop is not None:
-            arguments = {k: v for k, v in locals().items() if k != "self"}
+            if masked_image_latents is not None:
+                raise ValueError("masked_image_latents cannot be used with padding_mask_crop")
+            arguments = {
+                k: v for k, v in locals().items() if k not in ("self", "masked_image_latents")
+            }
             return self._crop_and_paste(**arguments)
         in_ch = self.unet.config.in_channels
         if in_ch not in (4, 9):
@@ -964,6 +989,13 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                 f"inpainting needs a 9-channel (inpainting) or 4-channel UNet, got in_channels="
                 f"{in_ch}"
             )
+        if masked_image_latents is not None:
+            if in_ch != 9:
+                raise ValueError(
+                    "masked_image_latents are an input of the 9-channel inpainting UNet; this "
+                    "UNet has 4 channels (the legacy mask blend)"
+                )
+            masked_image_latents = np.asarray(masked_image_latents, np.float32)
         image = images_to_array(image)
         mask = mask_to_array(mask_image)
         if mask.shape[1:3] != image.shape[1:3]:
@@ -971,7 +1003,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                 f"mask_image is {mask.shape[2]}x{mask.shape[1]} but image is "
                 f"{image.shape[2]}x{image.shape[1]} (W x H): they must match"
             )
-        return self._run(**_forwarded(locals()), image=image, mask=mask)
+        return self._run(
+            **_forwarded(locals()), image=image, mask=mask, masked_latents=masked_image_latents
+        )
 
     def _crop_and_paste(self, *, image, mask_image, padding_mask_crop, **kwargs):
         """``padding_mask_crop``: inpaint the box around the mask, paste it back."""

@@ -212,6 +212,52 @@ def test_inpaint_matches_diffusers(sd_dir, pipe, case, unet):
     _assert_matches(images, arrays["images"])
 
 
+@pytest.mark.parity
+def test_inpaint_masked_image_latents_match_diffusers(sd_dir, pipe):
+    """Given masked_image_latents replace the VAE encoding of the masked image as the 9-channel
+    UNet's extra input, as diffusers; they are rejected with a 4-channel UNet."""
+    from PIL import Image
+
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from tests.pipelines.sd_helpers import diffusers_sd_pipe
+
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    mask = Image.fromarray(mask)
+    latents = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    masked_latents = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    kw = dict(num_inference_steps=3, output_type="np")
+
+    def nchw(a):
+        return torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
+
+    ref = diffusers_sd_pipe(sd_dir)
+    ref_unet = diffusers.UNet2DConditionModel.from_pretrained(sd_dir.parent / "unet_inpaint")
+    ref_inp = diffusers.StableDiffusionInpaintPipeline(**{**ref.components, "unet": ref_unet})
+    with torch.no_grad():
+        want = ref_inp(["a cat", "a dog"], image=photo, mask_image=mask, latents=nchw(latents),
+                       masked_image_latents=nchw(masked_latents), **kw).images  # fmt: skip
+
+    unet = UNet2DConditionModel.from_pretrained(sd_dir.parent / "unet_inpaint")
+    inp = StableDiffusionInpaintPipeline.from_pipe(pipe, unet=unet)
+    inp.scheduler = _scheduler(pipe, "ddim")
+    run = dict(image=photo, mask_image=mask, latents=latents, seed=0, progress=False, **kw)
+    got = inp(["a cat", "a dog"], masked_image_latents=masked_latents, **run).images
+    _assert_matches(got, want)
+    encoded = inp(["a cat", "a dog"], **run).images
+    assert np.abs(encoded - got).mean() > 1e-2  # the given latents were used
+    with pytest.raises(ValueError, match=r"masked_image_latents must have shape \(1 or 2, 8, 8, 4\)"):  # fmt: skip
+        inp(["a cat", "a dog"], masked_image_latents=masked_latents[:, :4], **run)
+    with pytest.raises(ValueError, match="masked_image_latents holds 2 images for 1 prompts"):
+        inp("a cat", masked_image_latents=masked_latents, **{**run, "latents": latents[:1]})
+    legacy = StableDiffusionInpaintPipeline.from_pipe(pipe)
+    with pytest.raises(ValueError, match="9-channel inpainting UNet; this UNet has 4"):
+        legacy("a cat", masked_image_latents=masked_latents[:1], **{**run, "latents": latents[:1]})
+
+
 def test_inpaint_padding_mask_crop_matches_diffusers(sd_dir, pipe):
     from PIL import Image
 
