@@ -142,12 +142,24 @@ def mask_to_array(mask: Any) -> np.ndarray:
     return (arr >= 0.5).astype(np.float32)[..., None]
 
 
-def _match_batch(arr: np.ndarray, batch: int, name: str) -> np.ndarray:
-    if arr.shape[0] == batch:
+def _per_image(arr: np.ndarray, n_prompts: int, per_prompt: int, name: str) -> np.ndarray:
+    """An image-side input (image, mask, depth, masked latents) for every output image, in the
+    prompts' order ``[p0, p0, p1, p1]``: one for all, one per prompt (repeated for its
+    ``num_images_per_prompt`` images), or one per output image.
+
+    diffusers tiles one-per-prompt inputs instead (``[i0, i1, i0, i1]``), which pairs image 1
+    with prompt 0 when ``num_images_per_prompt > 1``; jaxdiff keeps each prompt's own image
+    (the two agree whenever either count is 1)."""
+    total = n_prompts * per_prompt
+    if arr.shape[0] == total:
         return arr
-    if arr.shape[0] == 1:
-        return np.repeat(arr, batch, axis=0)
-    raise ValueError(f"{name} holds {arr.shape[0]} images for {batch} prompts (need 1 or {batch})")
+    if arr.shape[0] in (1, n_prompts):
+        return np.repeat(arr, total // arr.shape[0], axis=0)
+    need = sorted({1, n_prompts, total})
+    raise ValueError(
+        f"{name} holds {arr.shape[0]} images for {n_prompts} prompts x num_images_per_prompt="
+        f"{per_prompt} (need {' or '.join(map(str, need))})"
+    )
 
 
 def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -636,16 +648,17 @@ class StableDiffusionPipeline(
             want = (latent_shape[1], latent_shape[2], self.vae.config.latent_channels)
             if masked_latents.ndim != 4 or masked_latents.shape[1:] != want:
                 raise ValueError(
-                    f"masked_image_latents must have shape (1 or {n_prompts}, {want[0]}, "
-                    f"{want[1]}, {want[2]}) (height/{vsf}, width/{vsf}, latent channels; NHWC), "
-                    f"got {masked_latents.shape}"
+                    f"masked_image_latents must have shape (N, {want[0]}, {want[1]}, {want[2]}) "
+                    f"(height/{vsf}, width/{vsf}, latent channels; NHWC; N = 1, one per prompt "
+                    f"or one per output image), got {masked_latents.shape}"
                 )
         inputs = (("image", image), ("mask", mask), ("depth", depth))
         for name, value in (*inputs, ("masked_latents", masked_latents)):
             if value is not None:
                 arg = {"mask": "mask_image", "masked_latents": "masked_image_latents"}
-                value = _match_batch(value, n_prompts, arg.get(name, name))
-                per_image[name] = np.repeat(value, num_images_per_prompt, axis=0)
+                per_image[name] = _per_image(
+                    value, n_prompts, int(num_images_per_prompt), arg.get(name, name)
+                )
 
         schedule = custom_schedule(self.scheduler, timesteps, sigmas)
         if schedule:  # as diffusers' retrieve_timesteps: N is the custom schedule's length

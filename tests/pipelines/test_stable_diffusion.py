@@ -213,6 +213,42 @@ def test_inpaint_matches_diffusers(sd_dir, pipe, case, unet):
 
 
 @pytest.mark.parity
+def test_img2img_one_image_per_output_matches_diffusers(sd_dir, pipe, monkeypatch):
+    """2 prompts x num_images_per_prompt=2 with 4 images: image i goes with output i, as in
+    diffusers. With one image per prompt, jaxdiff pairs each prompt with its own image
+    ([i0, i0, i1, i1]) where diffusers tiles them ([i0, i1, i0, i1]); that is checked here as
+    jaxdiff's own rule, equal to passing the repeated batch."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    import diffusers
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as ref_mod
+
+    from tests.pipelines.sd_helpers import diffusers_sd_pipe
+
+    rng = np.random.default_rng(0)
+    image = np.repeat(np.repeat(rng.uniform(0, 1, (4, 8, 8, 3)), 8, 1), 8, 2).astype(np.float32)
+    noise = rng.standard_normal((4, 8, 8, 4)).astype(np.float32)
+    kw = dict(prompt=["a photo of a cat", "red"], strength=0.5, num_inference_steps=6,
+              num_images_per_prompt=2, output_type="np")  # fmt: skip
+    ref = diffusers.StableDiffusionImg2ImgPipeline(**diffusers_sd_pipe(sd_dir).components)
+    monkeypatch.setattr(ref_mod, "randn_tensor", lambda shape, **k: torch.from_numpy(
+        noise.transpose(0, 3, 1, 2).copy()))  # fmt: skip
+    monkeypatch.setattr(ref_mod, "retrieve_latents", lambda out, **k: out.latent_dist.mode())
+    with torch.no_grad():
+        want = ref(image=image, **kw).images
+
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe, scheduler=_scheduler(pipe, "ddim"))
+    run = dict(noise=noise, sample_posterior=False, seed=0, progress=False, **kw)
+    got = img2img(image=image, **run).images
+    _assert_matches(got, want)
+    per_prompt = img2img(image=image[[0, 2]], **run).images
+    repeated = img2img(image=image[[0, 0, 2, 2]], **run).images
+    np.testing.assert_array_equal(per_prompt, repeated)
+    with pytest.raises(ValueError, match=r"image holds 3 images for 2 prompts x num_images_per_prompt=2 \(need 1 or 2 or 4\)"):  # fmt: skip
+        img2img(image=image[:3], **run)
+
+
+@pytest.mark.parity
 def test_inpaint_masked_image_latents_match_diffusers(sd_dir, pipe):
     """Given masked_image_latents replace the VAE encoding of the masked image as the 9-channel
     UNet's extra input, as diffusers; they are rejected with a 4-channel UNet."""
@@ -249,9 +285,9 @@ def test_inpaint_masked_image_latents_match_diffusers(sd_dir, pipe):
     _assert_matches(got, want)
     encoded = inp(["a cat", "a dog"], **run).images
     assert np.abs(encoded - got).mean() > 1e-2  # the given latents were used
-    with pytest.raises(ValueError, match=r"masked_image_latents must have shape \(1 or 2, 8, 8, 4\)"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"masked_image_latents must have shape \(N, 8, 8, 4\)"):  # fmt: skip
         inp(["a cat", "a dog"], masked_image_latents=masked_latents[:, :4], **run)
-    with pytest.raises(ValueError, match="masked_image_latents holds 2 images for 1 prompts"):
+    with pytest.raises(ValueError, match=r"masked_image_latents holds 2 images for 1 prompts x num_images_per_prompt=1 \(need 1\)"):  # fmt: skip
         inp("a cat", masked_image_latents=masked_latents, **{**run, "latents": latents[:1]})
     legacy = StableDiffusionInpaintPipeline.from_pipe(pipe)
     with pytest.raises(ValueError, match="9-channel inpainting UNet; this UNet has 4"):
