@@ -377,6 +377,12 @@ def _torch_vae(config: dict, seed: int = 0):
     return build(config, seed)
 
 
+def _jax_twin(tv):
+    """jaxdiff's AutoencoderKL and params for the diffusers model ``tv``."""
+    model = AutoencoderKL.from_config(dict(tv.config))
+    return model, model.params_from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
+
+
 def _torch_run(tv, x_nhwc, z_nhwc):
     from weights_conversion.reference.autoencoder_kl import run
 
@@ -409,8 +415,7 @@ def test_live_parity_other_config_odd_sizes():
         sample_size=16,
     )
     tv = _torch_vae(cfg, seed=5)
-    model = AutoencoderKL.from_config(dict(tv.config))
-    params = model.params_from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
+    model, params = _jax_twin(tv)
     rng = np.random.default_rng(5)
     x = rng.uniform(-1, 1, (1, 12, 20, 1)).astype(np.float32)
     z = rng.standard_normal((1, 5, 3, 3)).astype(np.float32)
@@ -433,8 +438,7 @@ def test_live_parity_encode_sizes_not_multiples_of_the_downsampling():
         sample_size=32,
     )
     tv = _torch_vae(cfg, seed=5)
-    model = AutoencoderKL.from_config(dict(tv.config))
-    params = model.params_from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
+    model, params = _jax_twin(tv)
     rng = np.random.default_rng(5)
     z = rng.standard_normal((1, 2, 3, 4)).astype(np.float32)
     for shape, latent in (
@@ -472,8 +476,7 @@ def test_live_parity_attention_encoder_decoder_blocks():
     with torch.no_grad():
         for p in tv.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    model = AutoencoderKL.from_config(dict(tv.config))
-    params = model.params_from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
+    model, params = _jax_twin(tv)
     assert "attentions_1" in params["decoder"]["up_blocks_2"]
     rng = np.random.default_rng(1)
     x = rng.uniform(-1, 1, (2, 16, 12, 3)).astype(np.float32)
@@ -498,8 +501,7 @@ def test_live_parity_sd15_vae_full_config():
         scaling_factor=0.18215,
     )
     tv = _torch_vae(cfg, seed=0)
-    model = AutoencoderKL.from_config(dict(tv.config))
-    params = model.params_from_state_dict({k: v.numpy() for k, v in tv.state_dict().items()})
+    model, params = _jax_twin(tv)
     assert model.scaling_factor == pytest.approx(0.18215)
     assert model.tile_latent_min_size == 64
     rng = np.random.default_rng(0)
