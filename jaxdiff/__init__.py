@@ -22,6 +22,7 @@ _EXPORTS = {
     "UNet2DConditionModel": "jaxdiff.models",
     "AutoencoderKL": "jaxdiff.models",
     "CLIPTextModel": "jaxdiff.models",
+    "CLIPTextModelWithProjection": "jaxdiff.models",
     # pipelines
     "DiffusionPipeline": "jaxdiff.pipelines",
     "DDPMPipeline": "jaxdiff.pipelines",

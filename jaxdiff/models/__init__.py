@@ -6,7 +6,12 @@ from jaxdiff.models.autoencoder_kl import (
     DecoderOutput,
     DiagonalGaussianDistribution,
 )
-from jaxdiff.models.clip_text import CLIPTextModel, CLIPTextModelOutput
+from jaxdiff.models.clip_text import (
+    CLIPTextModel,
+    CLIPTextModelOutput,
+    CLIPTextModelWithProjection,
+    CLIPTextModelWithProjectionOutput,
+)
 from jaxdiff.models.embeddings import (
     GaussianFourierProjection,
     TimestepEmbedding,
@@ -40,6 +45,8 @@ __all__ = [
     "BasicTransformerBlock",
     "CLIPTextModel",
     "CLIPTextModelOutput",
+    "CLIPTextModelWithProjection",
+    "CLIPTextModelWithProjectionOutput",
     "DecoderOutput",
     "DiagonalGaussianDistribution",
     "AttnDownBlock2D",

@@ -47,9 +47,15 @@ import numpy as np
 from jaxdiff.configuration import FrozenConfig, _accepted_keys
 from jaxdiff.models.modeling_utils import FlaxModelMixin
 
-__all__ = ["CLIPTextModel", "CLIPTextModelOutput"]
+__all__ = [
+    "CLIPTextModel",
+    "CLIPTextModelOutput",
+    "CLIPTextModelWithProjection",
+    "CLIPTextModelWithProjectionOutput",
+]
 
 _PREFIX = "text_model."
+_PROJECTION = "text_projection."  # CLIPTextModelWithProjection's head, outside text_model
 
 # Keys every transformers config.json may carry (PretrainedConfig's own attributes and
 # bookkeeping): kept for the round trip, never warned about.
@@ -105,6 +111,21 @@ class CLIPTextModelOutput:
 
     last_hidden_state: jax.Array
     pooler_output: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+
+
+@flax.struct.dataclass
+class CLIPTextModelWithProjectionOutput:
+    """What :class:`CLIPTextModelWithProjection` returns (transformers' ``CLIPTextModelOutput``).
+
+    Attributes:
+        text_embeds: ``(batch, projection_dim)``, the pooled end-of-text state times
+            ``text_projection`` (no bias, no normalization): SDXL's pooled prompt embedding.
+        last_hidden_state, hidden_states: as :class:`CLIPTextModelOutput`.
+    """
+
+    text_embeds: jax.Array
+    last_hidden_state: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
 
 
@@ -326,6 +347,7 @@ class CLIPTextModel(FlaxModelMixin, nn.Module):
 
     weights_name = "model"
     _list_names = ("layers",)
+    _architecture = "CLIPTextModel"
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
@@ -351,7 +373,16 @@ class CLIPTextModel(FlaxModelMixin, nn.Module):
         attention_mask: jax.Array | None = None,
         output_hidden_states: bool = False,
     ) -> CLIPTextModelOutput:
-        r"""Encodes token ids.
+        r"""Encodes token ids (see :meth:`_encode`)."""
+        return self._encode(input_ids, attention_mask, output_hidden_states)
+
+    def _encode(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None,
+        output_hidden_states: bool,
+    ) -> CLIPTextModelOutput:
+        r"""Encodes token ids (called from the compact ``__call__``).
 
         Args:
             input_ids: integer ``(batch, seq)`` with ``seq <= max_position_embeddings``
@@ -435,7 +466,10 @@ class CLIPTextModel(FlaxModelMixin, nn.Module):
     def _normalize_state_dict(cls, state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """transformers >= 5 saves ``CLIPTextModel`` without the ``text_model.`` prefix that
         older transformers and Stable Diffusion checkpoints use: add it where missing."""
-        return {k if k.startswith(_PREFIX) else _PREFIX + k: v for k, v in state_dict.items()}
+        return {
+            k if k.startswith(_PREFIX) or k.startswith(_PROJECTION) else _PREFIX + k: v
+            for k, v in state_dict.items()
+        }
 
     # ------------------------------------------------------------------ config (transformers)
 
@@ -465,10 +499,9 @@ class CLIPTextModel(FlaxModelMixin, nn.Module):
         """The transformers config: the fields, ``architectures``/``model_type`` and the kept
         extra keys (no diffusers ``_class_name``/``_diffusers_version``)."""
         names, _, _ = _accepted_keys(type(self))
-        data: dict[str, Any] = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}
-        data.update(getattr(self, "_extra_config", {}))
+        data: dict[str, Any] = dict(getattr(self, "_extra_config", {}))
         data.update({k: getattr(self, k) for k in names})
-        data["architectures"] = ["CLIPTextModel"]
+        data["architectures"] = [self._architecture]
         data["model_type"] = "clip_text_model"
         return FrozenConfig(data, class_name=type(self).__name__)
 
@@ -501,3 +534,40 @@ class CLIPTextModel(FlaxModelMixin, nn.Module):
         path = os.path.join(os.fspath(save_directory), self.config_name)
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    r""":class:`CLIPTextModel` plus transformers' ``text_projection`` head (a linear map without
+    bias to ``projection_dim``): :math:`\text{text\_embeds} = W_p\,h_{\text{eos}}`
+    (*Radford et al. (2021)*, Fig. 3, before the L2 normalization of the contrastive loss).
+    SDXL's second text encoder (OpenCLIP bigG/14), whose ``text_embeds`` are the pooled
+    prompt embedding of the UNet's ``added_cond_kwargs``. Loads and saves transformers'
+    ``CLIPTextModelWithProjection`` layout (``text_model.…`` and ``text_projection.weight``).
+    """
+
+    _architecture = "CLIPTextModelWithProjection"
+
+    def __post_init__(self):
+        if not self.projection_dim or int(self.projection_dim) <= 0:
+            raise ValueError(
+                f"CLIPTextModelWithProjection needs projection_dim > 0, got {self.projection_dim}"
+            )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        output_hidden_states: bool = False,
+    ) -> CLIPTextModelWithProjectionOutput:
+        """Encodes token ids as :class:`CLIPTextModel` and projects the pooled state."""
+        out = self._encode(input_ids, attention_mask, output_hidden_states)
+        text_embeds = nn.Dense(
+            int(self.projection_dim), use_bias=False, dtype=self.dtype, name="text_projection"
+        )(out.pooler_output)
+        return CLIPTextModelWithProjectionOutput(
+            text_embeds=text_embeds.astype(self.dtype),
+            last_hidden_state=out.last_hidden_state,
+            hidden_states=out.hidden_states,
+        )

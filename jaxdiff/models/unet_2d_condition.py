@@ -81,9 +81,12 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
     Every field is a diffusers config field with diffusers' default (sequences as tuples).
     Supported: the block types ``CrossAttnDownBlock2D``/``DownBlock2D``,
     ``CrossAttnUpBlock2D``/``UpBlock2D``, mid ``UNetMidBlock2DCrossAttn``/``UNetMidBlock2D``/
-    None (SD 1.x, 2.x, inpainting, depth, LCM's ``time_cond_proj_dim``, ``num_class_embeds``).
-    Fields of other variants (SDXL's ``addition_embed_type``, ``encoder_hid_dim``,
-    ``class_embed_type`` ...) raise ``NotImplementedError`` when set.
+    None (SD 1.x, 2.x, inpainting, depth, LCM's ``time_cond_proj_dim``, ``num_class_embeds``),
+    and SDXL's ``addition_embed_type="text_time"`` (*Podell et al. (2023), Sec. 2.2*: the
+    pooled text embedding and the size/crop conditioning ``time_ids``, each id embedded like a
+    timestep, go through an MLP added to :math:`e`). Fields of other variants
+    (``encoder_hid_dim``, ``class_embed_type``, other ``addition_embed_type`` ...) raise
+    ``NotImplementedError`` when set.
 
     ``attention_head_dim`` is, as in diffusers, really the number of heads per level
     (``num_attention_heads`` defaults to it, and diffusers rejects setting
@@ -98,7 +101,9 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
     ``encoder_hidden_states`` ``(B, S, cross_attention_dim)``; returns
     :class:`UNet2DConditionOutput`. Optional keywords: ``encoder_attention_mask`` (boolean
     ``(B, S)``), ``timestep_cond`` (with ``time_cond_proj_dim``), ``class_labels`` (with
-    ``num_class_embeds``). ``train=True`` enables dropout (rng ``"dropout"``).
+    ``num_class_embeds``), ``added_cond_kwargs={"text_embeds": (B, P), "time_ids": (B, K)}``
+    (with ``addition_embed_type="text_time"``). ``train=True`` enables dropout (rng
+    ``"dropout"``).
     """
 
     sample_size: int | tuple[int, int] | None = None
@@ -208,11 +213,22 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
             "encoder_hid_dim": (self.encoder_hid_dim, None),
             "encoder_hid_dim_type": (self.encoder_hid_dim_type, None),
             "class_embed_type": (self.class_embed_type, None),
-            "addition_embed_type": (self.addition_embed_type, None),
             "dual_cross_attention": (self.dual_cross_attention, False),
             "attention_type": (self.attention_type, "default"),
             "time_embedding_type": (self.time_embedding_type, "positional"),
         }
+        if self.addition_embed_type not in (None, "text_time"):
+            raise NotImplementedError(
+                f"UNet2DConditionModel(addition_embed_type={self.addition_embed_type!r}) is not "
+                "supported by jaxdiff yet; only None (SD 1.x/2.x) and 'text_time' (SDXL)"
+            )
+        if self.addition_embed_type == "text_time" and not (
+            self.addition_time_embed_dim and self.projection_class_embeddings_input_dim
+        ):
+            raise ValueError(
+                "addition_embed_type='text_time' needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim"
+            )
         for name, (value, supported) in unsupported.items():
             if value != supported:
                 raise NotImplementedError(
@@ -268,6 +284,58 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
     def _time_embed_dim(self) -> int:
         return self.time_embedding_dim or self.block_out_channels[0] * 4
 
+    def _text_time_embedding(self, added: dict | None, batch: int, temb_dim: int, dtype):
+        r"""SDXL's added embedding (Podell et al. 2023, Sec. 2.2):
+        :math:`\mathrm{MLP}([\text{text\_embeds}, \gamma(\text{time\_ids}_1), \ldots,
+        \gamma(\text{time\_ids}_K)])`, :math:`\gamma` the sinusoidal embedding of width
+        ``addition_time_embed_dim``."""
+        width = self.projection_class_embeddings_input_dim
+        if added is None and self.is_initializing():
+            add_embeds = jnp.zeros((batch, width), dtype)
+        else:
+            missing = [k for k in ("text_embeds", "time_ids") if k not in (added or {})]
+            if missing:
+                raise ValueError(
+                    "addition_embed_type='text_time' needs added_cond_kwargs with 'text_embeds' "
+                    f"(batch, pooled width) and 'time_ids' (batch, K); missing {missing}"
+                )
+            text_embeds = jnp.asarray(added["text_embeds"])
+            time_ids = jnp.asarray(added["time_ids"])
+            if (
+                text_embeds.ndim != 2
+                or time_ids.ndim != 2
+                or {
+                    text_embeds.shape[0],
+                    time_ids.shape[0],
+                }
+                != {batch}
+            ):
+                raise ValueError(
+                    f"added_cond_kwargs: text_embeds must be (batch={batch}, P) and time_ids "
+                    f"(batch={batch}, K), got {text_embeds.shape} and {time_ids.shape}"
+                )
+            got = text_embeds.shape[1] + time_ids.shape[1] * self.addition_time_embed_dim
+            if got != width:
+                raise ValueError(
+                    f"added_cond_kwargs: text_embeds width {text_embeds.shape[1]} + "
+                    f"{time_ids.shape[1]} time_ids x addition_time_embed_dim "
+                    f"{self.addition_time_embed_dim} = {got}, but "
+                    f"projection_class_embeddings_input_dim is {width}"
+                )
+            time_embeds = Timesteps(
+                self.addition_time_embed_dim,
+                self.flip_sin_to_cos,
+                self.freq_shift,
+                name="add_time_proj",
+            )(time_ids.reshape(-1))
+            time_embeds = time_embeds.reshape(batch, -1)
+            add_embeds = jnp.concatenate(
+                [text_embeds.astype(jnp.float32), time_embeds.astype(jnp.float32)], axis=-1
+            ).astype(dtype)
+        return TimestepEmbedding(width, temb_dim, act_fn="silu", dtype=dtype, name="add_embedding")(
+            add_embeds
+        )
+
     def dummy_inputs(self) -> tuple:
         size = 2 ** (len(self.block_out_channels) - 1)
         sample = jnp.zeros((1, size, size, self.in_channels), jnp.float32)
@@ -309,6 +377,7 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
         encoder_attention_mask: Array | None = None,
         timestep_cond: Array | None = None,
         class_labels: Array | None = None,
+        added_cond_kwargs: dict[str, Array] | None = None,
         train: bool = False,
     ) -> UNet2DConditionOutput:
         """Predicts the model output for a batch of noisy latents.
@@ -325,6 +394,9 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
             timestep_cond: ``(B, time_cond_proj_dim)`` (LCM's guidance embedding), only with
                 ``time_cond_proj_dim``.
             class_labels: ``(B,)`` integer labels, only with ``num_class_embeds``.
+            added_cond_kwargs: SDXL's ``{"text_embeds": (B, P), "time_ids": (B, K)}``, only
+                with ``addition_embed_type="text_time"``; ``P + K * addition_time_embed_dim``
+                must equal ``projection_class_embeddings_input_dim``.
             train: enables dropout (rng ``"dropout"``).
         """
         self._check_config()
@@ -396,6 +468,12 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
                 emb = emb + class_emb.astype(dtype)
         elif class_labels is not None:
             raise ValueError("class_labels were given but the model has num_class_embeds=None")
+        if self.addition_embed_type == "text_time":
+            emb = emb + self._text_time_embedding(added_cond_kwargs, batch, temb_dim, dtype)
+        elif added_cond_kwargs:
+            raise ValueError(
+                "added_cond_kwargs were given but the model has addition_embed_type=None"
+            )
         if self.time_embedding_act_fn is not None:
             emb = get_activation(self.time_embedding_act_fn)(emb)
         blocks_temb_dim = emb.shape[-1]

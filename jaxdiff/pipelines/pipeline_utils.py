@@ -37,6 +37,7 @@ COMPONENT_CLASSES = {
     "UNet2DConditionModel": "jaxdiff.models.unet_2d_condition:UNet2DConditionModel",
     "AutoencoderKL": "jaxdiff.models.autoencoder_kl:AutoencoderKL",
     "CLIPTextModel": "jaxdiff.models.clip_text:CLIPTextModel",
+    "CLIPTextModelWithProjection": "jaxdiff.models.clip_text:CLIPTextModelWithProjection",
     "CLIPTokenizer": "jaxdiff.utils.tokenizer:CLIPTokenizer",
     "CLIPTokenizerFast": "jaxdiff.utils.tokenizer:CLIPTokenizer",
     "DDPMScheduler": "jaxdiff.schedulers:DDPMScheduler",

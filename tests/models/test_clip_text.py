@@ -259,6 +259,64 @@ def test_live_parity_left_padding():
         assert relative_l2(got, exp.numpy()) < RTOL_FP32
 
 
+@requires_reference
+def test_with_projection_matches_transformers_and_round_trips(tmp_path):
+    """CLIPTextModelWithProjection (SDXL's second text encoder): text_embeds and the hidden
+    states against transformers, loading transformers' save, and transformers loading
+    jaxdiff's save (``text_projection.weight`` outside the ``text_model.`` prefix)."""
+    import torch
+    import transformers
+
+    from jaxdiff.models.clip_text import CLIPTextModelWithProjection
+
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        projection_dim=12,
+        hidden_act="gelu",
+        bos_token_id=62,
+        eos_token_id=63,
+        pad_token_id=63,
+    )
+    torch.manual_seed(0)
+    ref = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**cfg)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn(p.shape))
+    ref.save_pretrained(tmp_path / "ref")
+    ids = np.array([[62, 5, 9, 63, 63, 63], [62, 7, 8, 9, 10, 63]])
+    with torch.no_grad():
+        want = ref(input_ids=torch.from_numpy(ids), output_hidden_states=True)
+
+    model, params = CLIPTextModelWithProjection.from_pretrained(tmp_path / "ref")
+    assert params["text_projection"]["kernel"].shape == (16, 12)
+    out = model.apply({"params": params}, ids, output_hidden_states=True)
+    assert out.text_embeds.shape == (2, 12)
+    assert relative_l2(out.text_embeds, want.text_embeds.numpy()) < RTOL_FP32
+    assert relative_l2(out.last_hidden_state, want.last_hidden_state.numpy()) < RTOL_FP32
+    for got, exp in zip(out.hidden_states, want.hidden_states, strict=True):
+        assert relative_l2(got, exp.numpy()) < RTOL_FP32
+
+    model.save_pretrained(tmp_path / "ours", params)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["architectures"] == [
+        "CLIPTextModelWithProjection"
+    ]
+    back, info = transformers.CLIPTextModelWithProjection.from_pretrained(
+        tmp_path / "ours", output_loading_info=True
+    )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    with torch.no_grad():
+        again = back.eval()(input_ids=torch.from_numpy(ids)).text_embeds.numpy()
+    np.testing.assert_allclose(again, want.text_embeds.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="projection_dim > 0"):
+        CLIPTextModelWithProjection(projection_dim=None)
+
+
 # ---------------------------------------------------------------- live parity, real SD configs
 
 SD15_TEXT = dict(  # runwayml/stable-diffusion-v1-5 text_encoder/config.json (openai ViT-L/14)

@@ -222,7 +222,8 @@ def test_error_timesteps_and_batch(tiny):
     [
         ("encoder_hid_dim", 1024, NotImplementedError, r"encoder_hid_dim=1024"),
         ("class_embed_type", "timestep", NotImplementedError, r"class_embed_type='timestep'"),
-        ("addition_embed_type", "text_time", NotImplementedError, r"addition_embed_type"),
+        ("addition_embed_type", "text_image", NotImplementedError, r"addition_embed_type"),
+        ("addition_embed_type", "text_time", ValueError, r"needs addition_time_embed_dim"),
         ("dual_cross_attention", True, NotImplementedError, r"dual_cross_attention"),
         ("time_embedding_type", "fourier", NotImplementedError, r"time_embedding_type"),
         ("num_attention_heads", 8, ValueError, r"num_attention_heads must be None"),
@@ -287,6 +288,14 @@ def _torch_state_dict(model) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
+def _to_torch(value):
+    import torch
+
+    if isinstance(value, dict):
+        return {k: _to_torch(v) for k, v in value.items()}
+    return torch.from_numpy(np.asarray(value))
+
+
 def _live_parity(
     cfg: dict,
     batch: int,
@@ -316,7 +325,7 @@ def _live_parity(
                 torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
                 torch.from_numpy(t),
                 torch.from_numpy(c),
-                **{k: torch.from_numpy(np.asarray(v)) for k, v in extra.items()},
+                **{k: _to_torch(v) for k, v in extra.items()},
             )
             .sample.numpy()
             .transpose(0, 2, 3, 1)
@@ -378,6 +387,59 @@ def _live_parity(
 def test_live_parity_tiny_variants(overrides, extra):
     cfg = {**CASE_CONFIG["sd15_tiny"], "layers_per_block": 1, **overrides}
     assert _live_parity(cfg, batch=2, size=8, seq=5, extra=extra) < RTOL_L2
+
+
+SDXL_TINY = {
+    **CASE_CONFIG["sd15_tiny"],
+    "layers_per_block": 1,
+    "block_out_channels": (16, 32, 32),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4, 4),
+    "transformer_layers_per_block": (1, 2, 2),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 12 + 6 * 8,
+}
+SDXL_ADDED = {
+    "text_embeds": np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 12),
+    "time_ids": np.array([[64, 64, 0, 0, 64, 64], [48, 32, 8, 4, 64, 64]], np.float32),
+}
+
+
+@requires_reference
+def test_live_parity_sdxl_text_time_embedding():
+    """SDXL's addition_embed_type="text_time" (pooled text embedding + 6 size/crop ids, each
+    embedded like a timestep, through an MLP added to the time embedding), with SDXL's block
+    layout (no attention at the first level, 2 transformer layers, linear projections)."""
+    extra = {"added_cond_kwargs": SDXL_ADDED}
+    assert _live_parity(SDXL_TINY, batch=2, size=8, seq=5, extra=extra) < RTOL_L2
+
+
+def test_text_time_errors():
+    model = UNet2DConditionModel.from_config(SDXL_TINY)
+    params = model.init_weights(jax.random.key(0))
+    assert params["add_embedding"]["linear_1"]["kernel"].shape == (60, 64)
+    x, t, c = np.zeros((2, 8, 8, 4), np.float32), np.ones((2,)), np.zeros((2, 5, 16), np.float32)
+
+    def call(added):
+        return model.apply({"params": params}, x, t, c, added_cond_kwargs=added)
+
+    assert call(SDXL_ADDED).sample.shape == (2, 8, 8, 4)
+    with pytest.raises(ValueError, match=r"needs added_cond_kwargs .* missing \['time_ids'\]"):
+        call({"text_embeds": SDXL_ADDED["text_embeds"]})
+    with pytest.raises(ValueError, match="missing \\['text_embeds', 'time_ids'\\]"):
+        call(None)
+    with pytest.raises(ValueError, match=r"width 12 \+ 5 time_ids .* = 52, but projection_class_embeddings_input_dim is 60"):  # fmt: skip
+        call({**SDXL_ADDED, "time_ids": SDXL_ADDED["time_ids"][:, :5]})
+    with pytest.raises(ValueError, match=r"text_embeds must be \(batch=2, P\)"):
+        call({**SDXL_ADDED, "text_embeds": SDXL_ADDED["text_embeds"][:1]})
+    sd15 = UNet2DConditionModel.from_config(CASE_CONFIG["sd15_tiny"])
+    p15 = sd15.init_weights(jax.random.key(0))
+    with pytest.raises(ValueError, match="added_cond_kwargs were given but .*=None"):
+        sd15.apply({"params": p15}, np.zeros((1, 16, 16, 4)), 1, np.zeros((1, 5, 16)),
+                   added_cond_kwargs=SDXL_ADDED)  # fmt: skip
 
 
 @requires_reference
