@@ -210,6 +210,20 @@ def test_import_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+# A tiny text encoder whose pad token is its EOS, as in the SD 1.x tokenizer.
+TINY_TEXT = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=8,
+    bos_token_id=62,
+    eos_token_id=63,
+    pad_token_id=63,
+)
+
+
 @requires_reference
 def test_live_parity_left_padding():
     """Left padding with an ``attention_mask``: the leading padding queries have no key to
@@ -219,17 +233,7 @@ def test_live_parity_left_padding():
     import torch
     import transformers
 
-    cfg = dict(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=8,
-        bos_token_id=62,
-        eos_token_id=63,
-        pad_token_id=63,
-    )
+    cfg = TINY_TEXT
     torch.manual_seed(0)
     ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg)).eval()
     assert ref.config._attn_implementation == "sdpa"  # transformers' default
@@ -269,19 +273,7 @@ def test_with_projection_matches_transformers_and_round_trips(tmp_path):
 
     from jaxdiff.models.clip_text import CLIPTextModelWithProjection
 
-    cfg = dict(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=8,
-        projection_dim=12,
-        hidden_act="gelu",
-        bos_token_id=62,
-        eos_token_id=63,
-        pad_token_id=63,
-    )
+    cfg = {**TINY_TEXT, "projection_dim": 12, "hidden_act": "gelu"}
     torch.manual_seed(0)
     ref = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**cfg)).eval()
     with torch.no_grad():
