@@ -366,19 +366,6 @@ class StableDiffusionPipeline(
         eps = sampling.per_image_normal(keys, dist.mean.shape)
         return (dist.mean + dist.std * eps) * self.vae.config.scaling_factor
 
-    def _noise_at(self, state, z0, noise, index):
-        r"""The forward process at inference step ``index``: :math:`q(z_{t_i} \mid z_0)` in the
-        scheduler's own parametrisation (diffusers' ``add_noise`` after ``set_begin_index``)."""
-        name = type(self.scheduler).__name__
-        if name in SIGMA_SCHEDULERS:  # x = z0 + sigma * eps (Karras et al. 2022)
-            return z0 + state.sigmas[index] * noise
-        if name == "DPMSolverMultistepScheduler":  # VP: alpha_t z0 + sigma_t eps
-            sigma = state.sigmas[index]
-            alpha_t = 1.0 / jnp.sqrt(sigma**2 + 1.0)
-            return alpha_t * z0 + sigma * alpha_t * noise
-        t = jnp.broadcast_to(state.timesteps[index], (z0.shape[0],))
-        return self.scheduler.add_noise(z0, noise, t)
-
     def _program(self, spec: _Spec):
         """The jitted ``_run_fn(spec)``, cached per components and spec."""
         cache_key = ("sd", *self._component_ids(), spec)
@@ -421,7 +408,7 @@ class StableDiffusionPipeline(
                 if spec.task == "inpaint" and spec.fresh_start:
                     z = noise * state.init_noise_sigma
                 else:
-                    z = self._noise_at(state, z_image, noise, begin)
+                    z = self.scheduler.add_noise_at_step(state, z_image, noise, begin)
                 if spec.task == "depth2img":
                     extra = batch["depth"]
                 elif spec.task == "inpaint":
@@ -444,7 +431,7 @@ class StableDiffusionPipeline(
 
                         def post_step(x_prev, i):  # known region: re-noise to t_{i+1}, blend
                             j = jnp.minimum(i + 1, n_steps - 1)
-                            known = self._noise_at(state, z_image, noise, j)
+                            known = self.scheduler.add_noise_at_step(state, z_image, noise, j)
                             known = jnp.where(i < n_steps - 1, known, z_image)
                             return (1 - mask_lat) * known + mask_lat * x_prev
 

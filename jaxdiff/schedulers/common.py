@@ -227,6 +227,21 @@ def bcast(x: jax.Array, like: jax.Array) -> jax.Array:
     return x.reshape(x.shape + (1,) * (jnp.ndim(like) - x.ndim))
 
 
+def schedule_index(schedule_timesteps: jax.Array, timesteps: jax.Array) -> jax.Array:
+    """Per example, the index of ``timesteps`` in ``schedule_timesteps`` by diffusers'
+    ``index_for_timestep`` rule: the second match when there are several (so that starting in
+    the middle of a schedule with repeated timesteps does not skip a level), else the first;
+    -1 where the timestep is not in the schedule. Jit-safe (no host round trip)."""
+    t = jnp.atleast_1d(jnp.asarray(timesteps, jnp.float32))
+    hits = jnp.asarray(schedule_timesteps, jnp.float32)[None, :] == t[:, None]
+    count = hits.sum(axis=1)
+    first = jnp.argmax(hits, axis=1)
+    # the second match: the first one after clearing the first
+    second = jnp.argmax(hits.at[jnp.arange(t.shape[0]), first].set(False), axis=1)
+    index = jnp.where(count > 1, second, first)
+    return jnp.where(count > 0, index, -1).reshape(jnp.shape(timesteps))
+
+
 def x0_hat_eps_hat(
     prediction_type: str, model_output: jax.Array, x_t: jax.Array, alpha_bar_t: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -310,13 +325,29 @@ class SchedulerMixin(ConfigMixin):
         return [getattr(schedulers, n) for n in names if hasattr(schedulers, n)]
 
     def add_noise(
-        self, original_samples: jax.Array, noise: jax.Array, timesteps: jax.Array
+        self,
+        original_samples: jax.Array,
+        noise: jax.Array,
+        timesteps: jax.Array,
+        state: Any = None,
     ) -> jax.Array:
         r"""Samples :math:`x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon`
-        (Ho et al. 2020, Eq. 4) at integer training ``timesteps`` (one per example)."""
+        (Ho et al. 2020, Eq. 4) at integer training ``timesteps`` (one per example).
+
+        ``state`` is accepted for a uniform interface and not needed: ᾱ is indexed by the
+        timestep itself (the σ schedulers use it, see theirs)."""
         a = jnp.asarray(self.alphas_cumprod)[jnp.asarray(timesteps, jnp.int32)]
         a = bcast(a, original_samples).astype(original_samples.dtype)
         return jnp.sqrt(a) * original_samples + jnp.sqrt(1 - a) * noise
+
+    def add_noise_at_step(
+        self, state: Any, original_samples: jax.Array, noise: jax.Array, step_index: Any
+    ) -> jax.Array:
+        """The forward process at inference step ``step_index`` of ``state`` (a traced scalar
+        is fine): diffusers' ``add_noise`` after ``set_begin_index`` (image-to-image, and the
+        legacy inpainting blend), whatever the scheduler's parametrisation."""
+        t = jnp.broadcast_to(state.timesteps[step_index], (original_samples.shape[0],))
+        return self.add_noise(original_samples, noise, t)
 
     def get_velocity(self, sample: jax.Array, noise: jax.Array, timesteps: jax.Array) -> jax.Array:
         r"""The v-prediction target :math:`v = \sqrt{\bar\alpha_t}\,\epsilon -

@@ -58,11 +58,13 @@ from jaxdiff.schedulers.common import (
     TIMESTEP_SPACINGS,
     SchedulerMixin,
     SchedulerOutput,
+    bcast,
     check_choice,
     check_num_inference_steps,
     check_step_inputs,
     count_steps,
     resolve_noise,
+    schedule_index,
     threshold_sample,
 )
 from jaxdiff.schedulers.euler import (
@@ -451,6 +453,41 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             + (alpha_t * ((1.0 - jnp.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2
             + sigma_t * _sqrt0(1.0 - jnp.exp(-2 * h)) * noise
         )
+
+    # -- forward process at a schedule step ----------------------------------------------------
+
+    def add_noise(
+        self,
+        original_samples: jax.Array,
+        noise: jax.Array,
+        timesteps: jax.Array,
+        state: DPMSolverMultistepState | None = None,
+    ) -> jax.Array:
+        r""":math:`x_t = \alpha_t x_0 + \sigma_t \epsilon` at ``timesteps``: ᾱ of the training
+        timestep (Ho et al. 2020, Eq. 4), or with ``state`` the (α_t, σ_t) of that step of the
+        schedule (diffusers' ``add_noise`` after ``set_timesteps``: Karras/Lu/exponential/beta
+        and flow σ differ from the training table's); a timestep not in the schedule keeps ᾱ."""
+        out = super().add_noise(original_samples, noise, timesteps)
+        if state is None:
+            return out
+        index = schedule_index(state.timesteps, timesteps)
+        at_step = self.add_noise_at_step(state, original_samples, noise, jnp.maximum(index, 0))
+        return jnp.where(bcast(index >= 0, out), at_step, out)
+
+    def add_noise_at_step(
+        self,
+        state: DPMSolverMultistepState,
+        original_samples: jax.Array,
+        noise: jax.Array,
+        step_index: Any,
+    ) -> jax.Array:
+        r""":math:`x = \alpha_i x_0 + \sigma_i \epsilon` at inference step ``step_index``, with
+        :math:`(\alpha_i, \sigma_i)` from the step's VE σ (or flow σ)."""
+        alpha_t, sigma_t = _alpha_sigma(state.sigmas[step_index], self.config.use_flow_sigmas)
+        dtype = original_samples.dtype
+        alpha_t = bcast(alpha_t, original_samples).astype(dtype)
+        sigma_t = bcast(sigma_t, original_samples).astype(dtype)
+        return alpha_t * original_samples + sigma_t * noise
 
     # -- step ------------------------------------------------------------------------------
 

@@ -63,6 +63,7 @@ from jaxdiff.schedulers.common import (
     make_betas,
     rescale_zero_terminal_snr,
     resolve_noise,
+    schedule_index,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -192,17 +193,36 @@ def init_noise_sigma_of(sigmas: np.ndarray, timestep_spacing: str) -> np.float32
 
 
 def sigma_add_noise(
-    train_sigmas: np.ndarray, original_samples: jax.Array, noise: jax.Array, timesteps: jax.Array
+    train_sigmas: np.ndarray,
+    original_samples: jax.Array,
+    noise: jax.Array,
+    timesteps: jax.Array,
+    state: Any = None,
 ) -> jax.Array:
-    r""":math:`\tilde x = x_0 + \sigma(t)\,\epsilon` (the VE variable, Karras Table 1) with σ(t)
-    linearly interpolated in the training table at the (possibly fractional) training timesteps
-    ``timesteps`` (one per example). This is diffusers' ``add_noise`` whenever ``timesteps`` are in
-    the inference schedule of a linearly interpolated σ schedule; jaxdiff looks σ up by training
-    timestep so that it does not depend on ``set_timesteps``."""
+    r""":math:`\tilde x = x_0 + \sigma(t)\,\epsilon` (the VE variable, Karras Table 1), one
+    ``timesteps`` entry per example.
+
+    Without ``state``, σ(t) is linearly interpolated in the training table at the (possibly
+    fractional) training timestep, so it does not depend on ``set_timesteps`` (diffusers'
+    ``add_noise`` before ``set_timesteps``, and after it for a linearly interpolated schedule).
+    With ``state``, a timestep found in ``state.timesteps`` takes that step's σ (diffusers'
+    ``add_noise`` after ``set_timesteps``: Karras, exponential or beta σ differ from σ(t));
+    one not found keeps σ(t)."""
     table = jnp.asarray(train_sigmas)
     t = jnp.asarray(timesteps, jnp.float32)
     sigma = jnp.interp(t, jnp.arange(table.shape[0], dtype=jnp.float32), table)
+    if state is not None:
+        index = schedule_index(state.timesteps, t)
+        sigma = jnp.where(index >= 0, state.sigmas[jnp.maximum(index, 0)], sigma)
     return original_samples + noise * bcast(sigma, original_samples).astype(original_samples.dtype)
+
+
+def sigma_add_noise_at_step(
+    state: Any, original_samples: jax.Array, noise: jax.Array, step_index: Any
+) -> jax.Array:
+    r""":math:`\tilde x = x_0 + \sigma_i\,\epsilon` at inference step ``i = step_index``."""
+    sigma = bcast(state.sigmas[step_index], original_samples).astype(original_samples.dtype)
+    return original_samples + sigma * noise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,8 +464,18 @@ class EulerDiscreteScheduler(SchedulerMixin):
     # -- training --------------------------------------------------------------------------
 
     def add_noise(
-        self, original_samples: jax.Array, noise: jax.Array, timesteps: jax.Array
+        self,
+        original_samples: jax.Array,
+        noise: jax.Array,
+        timesteps: jax.Array,
+        state: EulerState | None = None,
     ) -> jax.Array:
-        r""":math:`\tilde x = x_0 + \sigma(t)\,\epsilon` at training ``timesteps`` (see
-        :func:`sigma_add_noise`: σ looked up by training timestep, not by inference step)."""
-        return sigma_add_noise(self.train_sigmas, original_samples, noise, timesteps)
+        r""":math:`\tilde x = x_0 + \sigma\,\epsilon` at ``timesteps``: σ(t) of the training
+        table, or with ``state`` the σ of that step of the schedule (:func:`sigma_add_noise`)."""
+        return sigma_add_noise(self.train_sigmas, original_samples, noise, timesteps, state)
+
+    def add_noise_at_step(
+        self, state: EulerState, original_samples: jax.Array, noise: jax.Array, step_index: Any
+    ) -> jax.Array:
+        r""":math:`\tilde x = x_0 + \sigma_i\,\epsilon` at inference step ``step_index``."""
+        return sigma_add_noise_at_step(state, original_samples, noise, step_index)

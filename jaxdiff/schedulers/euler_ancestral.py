@@ -46,6 +46,7 @@ from jaxdiff.schedulers.euler import (
     float_spaced_timesteps,
     init_noise_sigma_of,
     sigma_add_noise,
+    sigma_add_noise_at_step,
     sigma_schedule_tables,
 )
 
@@ -177,8 +178,23 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         )
 
     def add_noise(
-        self, original_samples: jax.Array, noise: jax.Array, timesteps: jax.Array
+        self,
+        original_samples: jax.Array,
+        noise: jax.Array,
+        timesteps: jax.Array,
+        state: EulerAncestralState | None = None,
     ) -> jax.Array:
-        r""":math:`\tilde x = x_0 + \sigma(t)\,\epsilon` at training ``timesteps`` (σ looked up
-        by training timestep, see :func:`jaxdiff.schedulers.euler.sigma_add_noise`)."""
-        return sigma_add_noise(self.train_sigmas, original_samples, noise, timesteps)
+        r""":math:`\tilde x = x_0 + \sigma\,\epsilon` at ``timesteps``: σ(t) of the training
+        table, or with ``state`` the σ of that step of the schedule (see
+        :func:`jaxdiff.schedulers.euler.sigma_add_noise`)."""
+        return sigma_add_noise(self.train_sigmas, original_samples, noise, timesteps, state)
+
+    def add_noise_at_step(
+        self,
+        state: EulerAncestralState,
+        original_samples: jax.Array,
+        noise: jax.Array,
+        step_index: Any,
+    ) -> jax.Array:
+        r""":math:`\tilde x = x_0 + \sigma_i\,\epsilon` at inference step ``step_index``."""
+        return sigma_add_noise_at_step(state, original_samples, noise, step_index)

@@ -249,6 +249,41 @@ def test_img2img_one_image_per_output_matches_diffusers(sd_dir, pipe, monkeypatc
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize(
+    "options",
+    [{"use_karras_sigmas": True}, {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}],
+)
+def test_img2img_dpm_sigmas_match_diffusers(sd_dir, pipe, monkeypatch, options):
+    """img2img noises the image to the first kept step with the scheduler's own (α, σ) of that
+    step (``add_noise_at_step``, diffusers' ``add_noise`` after ``set_begin_index``): the
+    rounded Karras timesteps' σ, and flow matching's x = (1-σ) x₀ + σ ε."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as ref_mod
+
+    from tests.pipelines.sd_helpers import diffusers_sd_pipe
+
+    rng = np.random.default_rng(1)
+    image = np.repeat(np.repeat(rng.uniform(0, 1, (1, 8, 8, 3)), 8, 1), 8, 2).astype(np.float32)
+    noise = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    kw = dict(prompt="a photo of a cat", strength=0.6, num_inference_steps=5, output_type="np")
+    ref = diffusers.StableDiffusionImg2ImgPipeline(**diffusers_sd_pipe(sd_dir).components)
+    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+        ref.scheduler.config, **options
+    )
+    monkeypatch.setattr(ref_mod, "randn_tensor", lambda shape, **k: torch.from_numpy(
+        noise.transpose(0, 3, 1, 2).copy()))  # fmt: skip
+    monkeypatch.setattr(ref_mod, "retrieve_latents", lambda out, **k: out.latent_dist.mode())
+    with torch.no_grad():
+        want = ref(image=image, **kw).images
+
+    scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **options)
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe, scheduler=scheduler)
+    got = img2img(image=image, noise=noise, sample_posterior=False, seed=0, progress=False, **kw)
+    _assert_matches(got.images, want)
+
+
+@pytest.mark.parity
 def test_inpaint_masked_image_latents_match_diffusers(sd_dir, pipe):
     """Given masked_image_latents replace the VAE encoding of the masked image as the 9-channel
     UNet's extra input, as diffusers; they are rejected with a 4-channel UNet."""

@@ -171,3 +171,91 @@ def test_wrong_shapes_are_named(name):
         y = jnp.ones((1, 4, 4, 3))
         with pytest.raises(ValueError, match=r"the state was made for \(2, 4, 4, 3\)"):
             sched.step(state, y, t, y)
+
+
+def test_schedule_index_follows_diffusers_index_for_timestep():
+    """diffusers' ``index_for_timestep``: the second match when a timestep repeats, else the
+    first; jaxdiff marks a timestep not in the schedule with -1 (diffusers raises IndexError)."""
+    from jaxdiff.schedulers.common import schedule_index
+
+    schedule = jnp.asarray([999.0, 500.0, 500.0, 20.0, 3.0])
+    index = schedule_index(schedule, jnp.asarray([999, 500, 20, 3, 7]))
+    np.testing.assert_array_equal(np.asarray(index), [0, 2, 3, 4, -1])
+    assert int(schedule_index(schedule, 20.0)) == 3
+
+
+SIGMA_ADD_NOISE_CASES = [
+    ("EulerDiscreteScheduler", {}),
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    ("EulerDiscreteScheduler", {"use_exponential_sigmas": True, "timestep_spacing": "trailing"}),
+    ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
+    ("DPMSolverMultistepScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}),
+    (
+        "DPMSolverMultistepScheduler",
+        {"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+    ),
+]
+
+
+@requires_reference
+@pytest.mark.parametrize("name,config", SIGMA_ADD_NOISE_CASES)
+def test_add_noise_with_state_matches_diffusers_after_set_timesteps(name, config):
+    """After ``set_timesteps``, diffusers' σ schedulers look each timestep up in the inference
+    schedule (``index_for_timestep``) and take that step's σ; ``add_noise(..., state=)`` does
+    the same, jitted. ``add_noise_at_step`` is the ``set_begin_index`` variant the pipelines
+    use."""
+    import diffusers
+    import jax
+    import torch
+
+    import jaxdiff.schedulers as ours
+
+    config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, **config}
+    ref, sched = getattr(diffusers, name)(**config), getattr(ours, name)(**config)
+    n = 12
+    ref.set_timesteps(n)
+    state = sched.set_timesteps(n)
+    np.testing.assert_allclose(np.asarray(state.timesteps), ref.timesteps.numpy(), rtol=1e-6)
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((4, 4, 4, 3)).astype(np.float32)
+    eps = rng.standard_normal(x0.shape).astype(np.float32)
+    picks = [0, 3, 7, n - 1]
+    t = ref.timesteps[picks]
+    to_t = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())  # noqa: E731
+    expected = ref.add_noise(to_t(x0), to_t(eps), t).numpy().transpose(0, 2, 3, 1)
+    add = jax.jit(lambda x, e, t, s: sched.add_noise(x, e, t, state=s))
+    actual = add(jnp.asarray(x0), jnp.asarray(eps), jnp.asarray(t.numpy()), state)
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-5, atol=1e-5)
+    # Without the state, DPM-Solver uses ᾱ of the (rounded) training timestep: about 1.5e-4
+    # off for Karras/Lu σ (measured), and a different process for flow σ. Euler's fractional
+    # timesteps give back their σ to ~1e-6 either way.
+    if name.startswith("DPM") and config.keys() & {
+        "use_karras_sigmas",
+        "use_lu_lambdas",
+        "use_flow_sigmas",
+    }:
+        stateless = sched.add_noise(jnp.asarray(x0), jnp.asarray(eps), jnp.asarray(t.numpy()))
+        assert np.abs(np.asarray(stateless) - expected).max() > 1e-4 * np.abs(expected).max()
+
+    ref.set_begin_index(5)
+    t5 = ref.timesteps[[5] * 4]
+    expected = ref.add_noise(to_t(x0), to_t(eps), t5).numpy().transpose(0, 2, 3, 1)
+    actual = sched.add_noise_at_step(state, jnp.asarray(x0), jnp.asarray(eps), 5)
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler", "PNDMScheduler"])
+def test_add_noise_state_is_optional_for_alpha_bar_schedulers(name):
+    """ᾱ schedulers index ᾱ by the timestep itself: ``state=`` changes nothing, and
+    ``add_noise_at_step`` is ``add_noise`` at that step's timestep."""
+    import jaxdiff.schedulers as ours
+
+    sched = getattr(ours, name)()
+    state = sched.set_timesteps(10)
+    x0, eps = jnp.ones((2, 2, 2, 1)), jnp.full((2, 2, 2, 1), 0.5)
+    t = jnp.asarray([state.timesteps[2]] * 2)
+    plain = sched.add_noise(x0, eps, t)
+    np.testing.assert_array_equal(sched.add_noise(x0, eps, t, state=state), plain)
+    np.testing.assert_array_equal(sched.add_noise_at_step(state, x0, eps, 2), plain)
