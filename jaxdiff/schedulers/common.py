@@ -231,9 +231,12 @@ def schedule_index(schedule_timesteps: jax.Array, timesteps: jax.Array) -> jax.A
     """Per example, the index of ``timesteps`` in ``schedule_timesteps`` by diffusers'
     ``index_for_timestep`` rule: the second match when there are several (so that starting in
     the middle of a schedule with repeated timesteps does not skip a level), else the first;
-    -1 where the timestep is not in the schedule. Jit-safe (no host round trip)."""
+    -1 where the timestep is not in the schedule. Fractional timesteps match within a few
+    float32 ulp (1e-6 relative), so the same schedule computed elsewhere (diffusers) is found.
+    Jit-safe (no host round trip)."""
     t = jnp.atleast_1d(jnp.asarray(timesteps, jnp.float32))
-    hits = jnp.asarray(schedule_timesteps, jnp.float32)[None, :] == t[:, None]
+    schedule = jnp.asarray(schedule_timesteps, jnp.float32)[None, :]
+    hits = jnp.isclose(schedule, t[:, None], rtol=1e-6, atol=1e-6)
     count = hits.sum(axis=1)
     first = jnp.argmax(hits, axis=1)
     # the second match: the first one after clearing the first

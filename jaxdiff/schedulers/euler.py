@@ -471,7 +471,14 @@ class EulerDiscreteScheduler(SchedulerMixin):
         state: EulerState | None = None,
     ) -> jax.Array:
         r""":math:`\tilde x = x_0 + \sigma\,\epsilon` at ``timesteps``: σ(t) of the training
-        table, or with ``state`` the σ of that step of the schedule (:func:`sigma_add_noise`)."""
+        table, or with ``state`` the σ of that step of the schedule (:func:`sigma_add_noise`).
+        Continuous timesteps (``timestep_type="continuous"`` with v-prediction) are
+        :math:`t = \tfrac14 \log\sigma`, so :math:`\sigma = e^{4t}` with or without a state."""
+        c = self.config
+        if c.timestep_type == "continuous" and c.prediction_type == "v_prediction":
+            sigma = jnp.exp(4.0 * jnp.asarray(timesteps, jnp.float32))
+            sigma = bcast(sigma, original_samples).astype(original_samples.dtype)
+            return original_samples + sigma * noise
         return sigma_add_noise(self.train_sigmas, original_samples, noise, timesteps, state)
 
     def add_noise_at_step(
