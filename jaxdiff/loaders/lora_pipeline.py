@@ -15,6 +15,7 @@ factors and keeps the fused weights, as in diffusers.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -281,6 +282,8 @@ class StableDiffusionLoraLoaderMixin:
         state = self._lora_state()
         if lora_scale is not None and not is_real(lora_scale):
             raise TypeError(f"cross_attention_kwargs['scale'] must be a number, got {lora_scale!r}")
+        if lora_scale is not None and not math.isfinite(lora_scale):
+            raise ValueError(f"cross_attention_kwargs['scale'] must be finite, got {lora_scale!r}")
         scale = 1.0 if lora_scale is None else float(lora_scale)
         live = [n for n in state["active"] if n not in state["fused"]] if state["enabled"] else []
         params = {n: self.params[n] for n in names}

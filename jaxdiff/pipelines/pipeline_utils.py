@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -125,8 +126,54 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def check_real(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+    """``value`` as a float if it is a finite real number in ``[low, high]``; else raises
+    naming ``name`` (TypeError for a non-number, ValueError for NaN, inf or out of range)."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    bounds = (
+        f"in [{low}, {high}]"
+        if low is not None and high is not None
+        else f">= {low}"
+        if low is not None
+        else "finite"
+    )
+    v = float(value)
+    if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+        raise ValueError(f"{name} must be {bounds} (a finite number), got {value!r}")
+    return v
+
+
+def float_array(value: Any, name: str, expected: str) -> np.ndarray:
+    """``value`` as a float32 numpy array of finite values; else raises naming ``name`` and
+    what was ``expected`` (a user array, checked on the host before anything is compiled)."""
+    try:
+        arr = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}") from err
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return arr
+
+
 def _is_model(obj: Any) -> bool:
     return hasattr(obj, "save_pretrained") and hasattr(obj, "apply")
+
+
+def _check_component(name: str, value: Any) -> None:
+    """Raises unless ``value`` can be the component ``name``: a scheduler object, a tokenizer,
+    or (every other component) a jaxdiff model."""
+    if name == "scheduler":
+        if not (hasattr(value, "set_timesteps") and hasattr(value, "step")):
+            raise TypeError(
+                f"scheduler must be a jaxdiff scheduler object, e.g. "
+                f"DDIMScheduler.from_config(pipe.scheduler.config), got {value!r}"
+            )
+    elif not name.startswith("tokenizer") and value is not None and not _is_model(value):
+        raise TypeError(
+            f"{name} must be a jaxdiff model given as (module, params), e.g. "
+            f"{name}=UNet2DModel.from_pretrained(...), got {type(value).__name__}"
+        )
 
 
 class DiffusionPipeline:
@@ -196,6 +243,7 @@ class DiffusionPipeline:
                     f"{name} is a model: assign (module, params), e.g. "
                     f"`pipe.{name} = {type(value).__name__}.from_pretrained(...)`"
                 )
+            _check_component(name, value)
             self._jit_cache.clear()
         object.__setattr__(self, name, value)
 

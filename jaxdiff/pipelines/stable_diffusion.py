@@ -49,6 +49,8 @@ from jaxdiff.loaders.textual_inversion import TextualInversionLoaderMixin
 from jaxdiff.pipelines.pipeline_utils import (
     DiffusionPipeline,
     ImagePipelineOutput,
+    check_real,
+    float_array,
     is_real,
     pipeline_result,
     to_output,
@@ -106,7 +108,7 @@ def images_to_array(image: Any, name: str = "image") -> np.ndarray:
             raise ValueError(f"{name}: every image must have the same size, got {sorted(sizes)}")
         arr = np.stack([np.asarray(im.convert("RGB"), np.float32) / 255.0 for im in image])
     else:
-        arr = np.asarray(image, dtype=np.float32)
+        arr = float_array(image, name, "PIL image(s) or an array (B, H, W, 3) in [0, 1]")
         if arr.ndim == 3:
             arr = arr[None]
         if arr.ndim != 4 or arr.shape[-1] != 3:
@@ -129,7 +131,7 @@ def mask_to_array(mask: Any) -> np.ndarray:
     if isinstance(mask, (list, tuple)) and mask and isinstance(mask[0], Image.Image):
         arr = np.stack([np.asarray(m.convert("L"), np.float32) / 255.0 for m in mask])
     else:
-        arr = np.asarray(mask, dtype=np.float32)
+        arr = float_array(mask, "mask_image", "PIL mask(s) or an array (B, H, W) in [0, 1]")
         if arr.ndim == 4 and arr.shape[-1] == 1:
             arr = arr[..., 0]
         if arr.ndim == 2:
@@ -489,11 +491,13 @@ class StableDiffusionPipeline(
         if prompt_embeds is not None:
             if prompt is not None:
                 raise ValueError("pass prompt or prompt_embeds, not both")
-            emb = np.asarray(prompt_embeds, np.float32)
             width = self.unet.config.cross_attention_dim
-            if emb.ndim != 3 or emb.shape[-1] != width:
+            expected = f"an array (batch, seq, {width})"
+            emb = float_array(prompt_embeds, "prompt_embeds", expected)
+            if emb.ndim != 3 or emb.shape[-1] != width or 0 in emb.shape:
                 raise ValueError(
-                    f"prompt_embeds must have shape (batch, seq, {width}), got {emb.shape}"
+                    f"prompt_embeds must have shape (batch, seq, {width}) with batch, seq >= 1, "
+                    f"got {emb.shape}"
                 )
             if negative_prompt is not None:
                 raise ValueError("with prompt_embeds, pass negative_prompt_embeds, not text")
@@ -502,7 +506,7 @@ class StableDiffusionPipeline(
             elif negative_prompt_embeds is None:
                 neg = np.asarray(self._encode_uncond(emb.shape[0], emb.shape[1]), np.float32)
             else:
-                neg = np.asarray(negative_prompt_embeds, np.float32)
+                neg = float_array(negative_prompt_embeds, "negative_prompt_embeds", expected)
             if neg.shape != emb.shape:
                 raise ValueError(
                     f"negative_prompt_embeds must have the shape of prompt_embeds {emb.shape}, "
@@ -576,20 +580,23 @@ class StableDiffusionPipeline(
     ) -> ImagePipelineOutput:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if not is_real(guidance_scale):
-            raise TypeError(f"guidance_scale must be a number, got {guidance_scale!r}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        check_real("guidance_scale", guidance_scale, low=0)
+        check_real("eta", eta, low=0)
         if guidance_rescale is not None and (
             not is_real(guidance_rescale) or not 0 <= guidance_rescale < float("inf")
         ):
             raise ValueError(f"guidance_rescale must be a number >= 0, got {guidance_rescale!r}")
-        if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
+        if (
+            isinstance(num_images_per_prompt, bool)
+            or not isinstance(num_images_per_prompt, (int, np.integer))
+            or num_images_per_prompt < 1
+        ):
             raise ValueError(
                 f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}"
             )
         if clip_skip is not None and not (
             isinstance(clip_skip, int)
+            and not isinstance(clip_skip, bool)
             and 0 <= clip_skip < self.text_encoder.config.num_hidden_layers
         ):
             raise ValueError(
@@ -624,10 +631,11 @@ class StableDiffusionPipeline(
         per_image = {k: np.repeat(v, num_images_per_prompt, axis=0) for k, v in arrays.items()}
         latent_shape = (total, height // vsf, width // vsf, self.unet.config.out_channels)
         if latents is not None:
-            latents = np.asarray(latents, np.float32)
+            name = "latents" if self.task in ("txt2img", "inpaint") else "noise"
+            latents = float_array(latents, name, f"an array {latent_shape} (NHWC)")
             if latents.shape != latent_shape:
                 raise ValueError(
-                    f"latents must have shape {latent_shape} (images, height/{vsf}, width/{vsf}, "
+                    f"{name} must have shape {latent_shape} (images, height/{vsf}, width/{vsf}, "
                     f"channels; NHWC), got {latents.shape}"
                 )
             per_image["latents"] = latents
@@ -995,7 +1003,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                     "masked_image_latents are an input of the 9-channel inpainting UNet; this "
                     "UNet has 4 channels (the legacy mask blend)"
                 )
-            masked_image_latents = np.asarray(masked_image_latents, np.float32)
+            masked_image_latents = float_array(
+                masked_image_latents, "masked_image_latents", "an array (N, h, w, C) (NHWC)"
+            )
         image = images_to_array(image)
         mask = mask_to_array(mask_image)
         if mask.shape[1:3] != image.shape[1:3]:
@@ -1102,10 +1112,14 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionPipeline):
             )
         if isinstance(depth_map, Image.Image):
             depth_map = [depth_map]
-        if isinstance(depth_map, (list, tuple)) and isinstance(depth_map[0], Image.Image):
+        if (
+            isinstance(depth_map, (list, tuple))
+            and depth_map
+            and isinstance(depth_map[0], Image.Image)
+        ):
             depth = np.stack([np.asarray(d, np.float32) for d in depth_map])
         else:
-            depth = np.asarray(depth_map, np.float32)
+            depth = float_array(depth_map, "depth_map", "an array (B, H, W) or PIL image(s)")
         if depth.ndim == 2:
             depth = depth[None]
         if depth.ndim != 3:

@@ -22,6 +22,7 @@ from jaxdiff import sampling
 from jaxdiff.pipelines.pipeline_utils import (
     DiffusionPipeline,
     ImagePipelineOutput,
+    check_real,
     pipeline_result,
     to_output,
 )
@@ -40,6 +41,8 @@ def resolve_key(key: jax.Array | None, seed: int | None) -> jax.Array:
     if key is None:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not -(2**63) <= seed < 2**63:
+            raise ValueError(f"seed must fit in 64 bits, in [-2**63, 2**63), got {seed}")
         return jax.random.key(int(seed))
     return key
 
@@ -229,6 +232,7 @@ class DDIMPipeline(UnconditionalPipeline):
                     f"{type(self.scheduler).__name__}"
                 )
             return {}, ()
+        check_real("eta", eta, low=0)
         static = ()
         if use_clipped_model_output is not None:
             static = (("use_clipped_model_output", bool(use_clipped_model_output)),)

@@ -18,6 +18,7 @@ state as fp32 whatever the model's dtype.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -96,11 +97,12 @@ def make_betas(
                 f"trained_betas must be a 1-D list of num_train_timesteps={num_train_timesteps} "
                 f"values, got shape {betas.shape}"
             )
-        return betas
+        return check_betas(betas, "trained_betas")
     if beta_schedule == "linear":
-        return linspace_f32(beta_start, beta_end, num_train_timesteps)
+        return check_betas(linspace_f32(beta_start, beta_end, num_train_timesteps))
     if beta_schedule == "scaled_linear":
         # Latent diffusion (Rombach et al. 2022): linear in sqrt(beta).
+        check_betas(np.asarray([beta_start, beta_end], np.float32))
         root = linspace_f32(beta_start**0.5, beta_end**0.5, num_train_timesteps)
         return root**2
     if beta_schedule == "squaredcos_cap_v2":
@@ -109,6 +111,15 @@ def make_betas(
         f"beta_schedule must be one of {BETA_SCHEDULES} (or pass trained_betas), "
         f"got {beta_schedule!r}"
     )
+
+
+def check_betas(betas: np.ndarray, name: str = "beta_start/beta_end") -> np.ndarray:
+    """Raises unless every β is a finite number in [0, 1) (else ᾱ_t is NaN, 0 or negative)."""
+    if not (np.isfinite(betas).all() and (betas >= 0).all() and (betas < 1).all()):
+        raise ValueError(
+            f"{name} must give betas in [0, 1), got values in [{np.min(betas)}, {np.max(betas)}]"
+        )
+    return betas
 
 
 def alpha_bar_from_betas(betas: np.ndarray) -> np.ndarray:
@@ -155,7 +166,13 @@ def spaced_timesteps(
 def check_timestep_range(
     timesteps: np.ndarray, num_train_timesteps: int, steps_offset: int
 ) -> None:
-    """Raises when ``steps_offset`` pushes a timestep past T - 1 (there is no ᾱ to look up)."""
+    """Raises when ``steps_offset`` pushes a timestep past T - 1 (there is no ᾱ to look up)
+    or below 0."""
+    if len(timesteps) and int(np.min(timesteps)) < 0:
+        raise ValueError(
+            f"steps_offset={steps_offset} pushes timestep {int(np.min(timesteps))} below 0; "
+            "steps_offset must be >= 0"
+        )
     if len(timesteps) and int(np.max(timesteps)) >= num_train_timesteps:
         raise ValueError(
             f"steps_offset={steps_offset} pushes timestep {int(np.max(timesteps))} past "
@@ -183,6 +200,97 @@ def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int
             f"{num_train_timesteps}, got {num_inference_steps}"
         )
     return int(num_inference_steps)
+
+
+def check_custom_timesteps(timesteps: Any, num_train_timesteps: int) -> np.ndarray:
+    """Custom ``set_timesteps(timesteps=...)``: a non-empty 1-D list of numbers, strictly
+    descending, in [0, num_train_timesteps) (as diffusers' DDPM checks them)."""
+    steps = np.asarray(timesteps)
+    if steps.ndim != 1 or steps.size == 0 or not np.issubdtype(steps.dtype, np.number):
+        raise ValueError(f"timesteps must be a non-empty 1-D list of numbers, got {timesteps!r}")
+    if np.any(np.diff(steps) >= 0):
+        raise ValueError(f"timesteps must be in descending order, got {steps.tolist()}")
+    if not (np.isfinite(steps).all() and steps[0] < num_train_timesteps and steps[-1] >= 0):
+        raise ValueError(
+            f"timesteps must lie in [0, num_train_timesteps={num_train_timesteps}), "
+            f"got {steps.tolist()}"
+        )
+    return steps
+
+
+def check_custom_sigmas(sigmas: Any) -> np.ndarray:
+    """Custom ``set_timesteps(sigmas=...)``: N + 1 >= 2 finite noise levels >= 0."""
+    sig = np.asarray(sigmas)
+    if sig.ndim != 1 or sig.size < 2 or not np.issubdtype(sig.dtype, np.number):
+        raise ValueError(
+            f"sigmas must be a 1-D list of N + 1 >= 2 noise levels (the last one usually 0), "
+            f"got {sigmas!r}"
+        )
+    if not (np.isfinite(sig).all() and (sig >= 0).all()):
+        raise ValueError(f"sigmas must be finite and >= 0, got {sig.tolist()}")
+    return sig
+
+
+def _host_value(x: Any) -> np.ndarray | None:
+    """``x`` as a numpy array when its value is known on the host (a Python or numpy number,
+    a list, a concrete array); None for traced values (inside ``jit`` / ``scan``)."""
+    if x is None or isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def check_timestep(timestep: Any, num_train_timesteps: int, name: str = "timestep") -> None:
+    """Raises when a host-known ``timestep`` is not a number in [0, num_train_timesteps)
+    (an index past ᾱ's table would be clamped silently by XLA). Traced values are not checked."""
+    if isinstance(timestep, (str, bytes)):
+        raise TypeError(f"{name} must be an integer timestep, got {timestep!r}")
+    t = _host_value(timestep)
+    if t is None:
+        return
+    if not np.issubdtype(t.dtype, np.number) or np.issubdtype(t.dtype, np.complexfloating):
+        raise TypeError(f"{name} must be an integer timestep, got {timestep!r}")
+    if t.size and not (np.isfinite(t).all() and t.min() >= 0 and t.max() < num_train_timesteps):
+        raise ValueError(
+            f"{name} must lie in [0, num_train_timesteps={num_train_timesteps}), got {t.tolist()}"
+        )
+
+
+def check_step_index(state: Any, who: str) -> None:
+    """Raises when a host-known ``state.step_index`` is past the schedule's last step (the
+    σ lookup would read past its end and give NaN). Traced states are not checked."""
+    i = _host_value(state.step_index)
+    if i is None or isinstance(state.timesteps, jax.core.Tracer):
+        return
+    n = int(count_steps(state.timesteps))
+    if not 0 <= int(i) < n:
+        raise ValueError(
+            f"{who}.step was called at step_index={int(i)}, but the state holds {n} steps: "
+            "call set_timesteps again to sample anew"
+        )
+
+
+def check_step_option(name: str, value: Any, low: float = 0.0) -> None:
+    """Raises when a host-known step option (``eta``, ``s_churn``, ...) is not a finite number
+    >= ``low``; traced values are not checked."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
+        value = np.asarray(value).item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value >= low):
+        raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
+
+
+def check_key(key: Any, who: str) -> None:
+    """Raises unless ``key`` is a PRNG key: ``jax.random.key(seed)`` or a legacy
+    ``jax.random.PRNGKey(seed)`` (uint32)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is None or not (
+        jnp.issubdtype(dtype, jax.dtypes.prng_key)
+        or (dtype == jnp.uint32 and key.shape[-1:] == (2,))
+    ):
+        raise TypeError(f"{who}: key must be a PRNG key, e.g. jax.random.key(seed), got {key!r}")
 
 
 def check_sample(sample: jax.Array, name: str = "sample") -> None:
@@ -219,6 +327,19 @@ def check_step_inputs(
             f"sample has shape {want} but the state was made for {tuple(history.shape[1:])}: "
             "call set_timesteps(num_inference_steps, shape=sample.shape)"
         )
+
+
+def check_forward_inputs(
+    x0: Any, noise: Any, timesteps: Any, num_train_timesteps: int, x0_name: str = "original_samples"
+) -> None:
+    """``add_noise`` / ``get_velocity``: ``noise`` has the samples' shape and host-known
+    ``timesteps`` are training timesteps in [0, num_train_timesteps)."""
+    if tuple(jnp.shape(noise)) != tuple(jnp.shape(x0)):
+        raise ValueError(
+            f"noise must have the shape of {x0_name} {tuple(jnp.shape(x0))}, "
+            f"got {tuple(jnp.shape(noise))}"
+        )
+    check_timestep(timesteps, num_train_timesteps, "timesteps")
 
 
 def bcast(x: jax.Array, like: jax.Array) -> jax.Array:
@@ -290,12 +411,18 @@ def resolve_noise(
 ) -> jax.Array:
     """The Gaussian noise of a stochastic step: ``noise`` if given, else drawn from ``key``."""
     if noise is not None:
+        if tuple(jnp.shape(noise)) != tuple(like.shape):
+            raise ValueError(
+                f"{who}.step: noise must have the sample's shape {tuple(like.shape)}, "
+                f"got {tuple(jnp.shape(noise))}"
+            )
         return jnp.asarray(noise, like.dtype)
     if key is None:
         raise ValueError(
             f"{who}.step is stochastic and needs a PRNG key: pass key=jax.random.key(seed) "
             "(or noise=... to inject the noise yourself)."
         )
+    check_key(key, f"{who}.step")
     return jax.random.normal(key, like.shape, like.dtype)
 
 
@@ -339,6 +466,7 @@ class SchedulerMixin(ConfigMixin):
 
         ``state`` is accepted for a uniform interface and not needed: ᾱ is indexed by the
         timestep itself (the σ schedulers use it, see theirs)."""
+        check_forward_inputs(original_samples, noise, timesteps, len(self.alphas_cumprod))
         a = jnp.asarray(self.alphas_cumprod)[jnp.asarray(timesteps, jnp.int32)]
         a = bcast(a, original_samples).astype(original_samples.dtype)
         return jnp.sqrt(a) * original_samples + jnp.sqrt(1 - a) * noise
@@ -355,6 +483,7 @@ class SchedulerMixin(ConfigMixin):
     def get_velocity(self, sample: jax.Array, noise: jax.Array, timesteps: jax.Array) -> jax.Array:
         r"""The v-prediction target :math:`v = \sqrt{\bar\alpha_t}\,\epsilon -
         \sqrt{1-\bar\alpha_t}\,x_0` (Salimans & Ho 2022, Sec. 4)."""
+        check_forward_inputs(sample, noise, timesteps, len(self.alphas_cumprod), "sample")
         a = jnp.asarray(self.alphas_cumprod)[jnp.asarray(timesteps, jnp.int32)]
         a = bcast(a, sample).astype(sample.dtype)
         return jnp.sqrt(a) * noise - jnp.sqrt(1 - a) * sample

@@ -47,6 +47,8 @@ from jaxdiff.schedulers.common import (
     check_choice,
     check_num_inference_steps,
     check_step_inputs,
+    check_step_option,
+    check_timestep,
     rescale_zero_terminal_snr,
     resolve_noise,
     spaced_timesteps,
@@ -196,6 +198,8 @@ class DDIMScheduler(SchedulerMixin):
             ``SchedulerOutput(prev_sample, state, pred_original_sample)``.
         """
         check_step_inputs(model_output, sample)
+        check_timestep(timestep, self.config.num_train_timesteps)
+        check_step_option("eta", eta)
         c = self.config
         out_dtype = sample.dtype
         x_t = sample.astype(jnp.float32)

@@ -49,8 +49,10 @@ from jaxdiff.schedulers.common import (
     SchedulerOutput,
     alpha_bar_from_betas,
     check_choice,
+    check_custom_timesteps,
     check_num_inference_steps,
     check_step_inputs,
+    check_timestep,
     linspace_f32,
     rescale_zero_terminal_snr,
     resolve_noise,
@@ -168,16 +170,7 @@ class DDPMScheduler(SchedulerMixin):
                 "pass exactly one of num_inference_steps or timesteps to set_timesteps"
             )
         if timesteps is not None:
-            steps = np.asarray(timesteps, dtype=np.int64)
-            if steps.ndim != 1 or steps.size == 0:
-                raise ValueError(f"timesteps must be a non-empty 1-D list, got shape {steps.shape}")
-            if np.any(np.diff(steps) >= 0):
-                raise ValueError(f"timesteps must be in descending order, got {steps.tolist()}")
-            if steps[0] >= c.num_train_timesteps or steps[-1] < 0:
-                raise ValueError(
-                    f"timesteps must lie in [0, num_train_timesteps={c.num_train_timesteps}), "
-                    f"got {steps.tolist()}"
-                )
+            steps = check_custom_timesteps(timesteps, c.num_train_timesteps).astype(np.int64)
         else:
             n = check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
             steps = spaced_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset)
@@ -232,6 +225,7 @@ class DDPMScheduler(SchedulerMixin):
             model_output, sample, self.config.variance_type in ("learned", "learned_range")
         )
         c = self.config
+        check_timestep(timestep, c.num_train_timesteps)
         out_dtype = sample.dtype
         x_t = sample.astype(jnp.float32)
         model_output = model_output.astype(jnp.float32)

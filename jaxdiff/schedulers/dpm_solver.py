@@ -60,7 +60,9 @@ from jaxdiff.schedulers.common import (
     SchedulerOutput,
     bcast,
     check_choice,
+    check_custom_timesteps,
     check_num_inference_steps,
+    check_step_index,
     check_step_inputs,
     count_steps,
     resolve_noise,
@@ -256,7 +258,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
                 )
             flow_shift = float(np.exp(mu))
         if timesteps is not None:
-            t = np.asarray(timesteps).astype(np.int64)
+            t = check_custom_timesteps(timesteps, c.num_train_timesteps).astype(np.int64)
             n = len(t)
         else:
             n = check_num_inference_steps(num_inference_steps, c.num_train_timesteps)
@@ -518,6 +520,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             self.config.variance_type in ("learned", "learned_range"),
             state.model_outputs,
         )
+        check_step_index(state, type(self).__name__)
         c = self.config
         out_dtype = sample.dtype
         x = sample.astype(jnp.float32)

@@ -57,8 +57,13 @@ from jaxdiff.schedulers.common import (
     alpha_bar_from_betas,
     bcast,
     check_choice,
+    check_custom_sigmas,
+    check_custom_timesteps,
+    check_forward_inputs,
     check_num_inference_steps,
+    check_step_index,
     check_step_inputs,
+    check_step_option,
     count_steps,
     make_betas,
     rescale_zero_terminal_snr,
@@ -208,6 +213,7 @@ def sigma_add_noise(
     With ``state``, a timestep found in ``state.timesteps`` takes that step's σ (diffusers'
     ``add_noise`` after ``set_timesteps``: Karras, exponential or beta σ differ from σ(t));
     one not found keeps σ(t)."""
+    check_forward_inputs(original_samples, noise, timesteps, len(train_sigmas))
     table = jnp.asarray(train_sigmas)
     t = jnp.asarray(timesteps, jnp.float32)
     sigma = jnp.interp(t, jnp.arange(table.shape[0], dtype=jnp.float32), table)
@@ -306,10 +312,10 @@ class EulerDiscreteScheduler(SchedulerMixin):
         c = self.config
         log_sigmas = np.log(self.train_sigmas)
         if sigmas is not None:
-            sigmas = np.asarray(sigmas, dtype=np.float32)
+            sigmas = check_custom_sigmas(sigmas).astype(np.float32)
             return sigmas_to_timesteps(sigmas[:-1], log_sigmas), sigmas
         if timesteps is not None:
-            timesteps = np.asarray(timesteps, dtype=np.float32)
+            timesteps = check_custom_timesteps(timesteps, c.num_train_timesteps).astype(np.float32)
         else:
             timesteps = float_spaced_timesteps(c, num_inference_steps)
         # N: "trailing" can give N + 1 timesteps (T / N does not divide T), but the levels
@@ -414,6 +420,9 @@ class EulerDiscreteScheduler(SchedulerMixin):
             ``SchedulerOutput(prev_sample, state, pred_original_sample)``.
         """
         check_step_inputs(model_output, sample)
+        check_step_index(state, type(self).__name__)
+        check_step_option("s_churn", s_churn)
+        check_step_option("s_noise", s_noise)
         out_dtype = sample.dtype
         x = sample.astype(jnp.float32)
         model_output = model_output.astype(jnp.float32)
@@ -476,6 +485,7 @@ class EulerDiscreteScheduler(SchedulerMixin):
         :math:`t = \tfrac14 \log\sigma`, so :math:`\sigma = e^{4t}` with or without a state."""
         c = self.config
         if c.timestep_type == "continuous" and c.prediction_type == "v_prediction":
+            check_forward_inputs(original_samples, noise, None, c.num_train_timesteps)
             sigma = jnp.exp(4.0 * jnp.asarray(timesteps, jnp.float32))
             sigma = bcast(sigma, original_samples).astype(original_samples.dtype)
             return original_samples + sigma * noise

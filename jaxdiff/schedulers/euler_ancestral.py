@@ -39,6 +39,7 @@ from jaxdiff.schedulers.common import (
     SchedulerOutput,
     check_choice,
     check_num_inference_steps,
+    check_step_index,
     check_step_inputs,
     resolve_noise,
 )
@@ -144,6 +145,7 @@ class EulerAncestralDiscreteScheduler(SchedulerMixin):
         r"""One ancestral Euler step :math:`\sigma_i \to \sigma_{i+1}` (stochastic: needs ``key``
         or ``noise``). ``timestep`` is unused: the step is located by ``state.step_index``."""
         check_step_inputs(model_output, sample)
+        check_step_index(state, type(self).__name__)
         out_dtype = sample.dtype
         x = sample.astype(jnp.float32)
         model_output = model_output.astype(jnp.float32)

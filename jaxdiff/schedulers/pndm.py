@@ -48,6 +48,7 @@ from jaxdiff.schedulers.common import (
     check_choice,
     check_num_inference_steps,
     check_step_inputs,
+    check_timestep,
     check_timestep_range,
 )
 
@@ -252,6 +253,7 @@ class PNDMScheduler(SchedulerMixin):
         """
         del key, noise
         check_step_inputs(model_output, sample, history=state.ets)
+        check_timestep(timestep, self.config.num_train_timesteps)
         out_dtype = sample.dtype
         x = sample.astype(jnp.float32)
         e = model_output.astype(jnp.float32)

@@ -147,7 +147,7 @@ def config_from_args(args: argparse.Namespace):
         flip=not args.no_flip,
         resize=not args.no_resize,
         weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip if args.grad_clip and args.grad_clip > 0 else None,
+        grad_clip=None if args.grad_clip is None or args.grad_clip <= 0 else args.grad_clip,
         init_from=args.init_from,
         progress=not args.no_progress,
     )

@@ -702,6 +702,58 @@ def test_bad_input_errors(pipe, sd_dir):
         depth("a", image=image, **kw)
 
 
+def test_bad_scalars_and_arrays_fail_before_compiling(pipe):
+    """NaN/inf, wrong types and empty arrays get an error naming the argument, not a NaN
+    image or a numpy/JAX traceback."""
+    kw = dict(num_inference_steps=2, progress=False, seed=0)
+    for gs in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance_scale must be >= 0 .*got"):
+            pipe("a cat", guidance_scale=gs, **kw)
+    for eta in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="eta must be >= 0"):
+            pipe("a cat", eta=eta, **kw)
+    with pytest.raises(TypeError, match="eta must be a number, got 'a'"):
+        pipe("a cat", eta="a", **kw)
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a positive int"):
+        pipe("a cat", num_images_per_prompt=True, **kw)
+    with pytest.raises(ValueError, match="clip_skip must be an int"):
+        pipe("a cat", clip_skip=True, **kw)
+    with pytest.raises(ValueError, match=r"seed must fit in 64 bits"):
+        pipe("a cat", num_inference_steps=2, progress=False, seed=2**70)
+    with pytest.raises(ValueError, match="cross_attention_kwargs\\['scale'\\] must be finite"):
+        pipe("a cat", cross_attention_kwargs={"scale": float("nan")}, **kw)
+    with pytest.raises(ValueError, match="prompt_embeds holds NaN"):
+        pipe(prompt_embeds=np.full((1, 5, 16), np.nan), **kw)
+    with pytest.raises(TypeError, match="prompt_embeds must be an array .*got str"):
+        pipe(prompt_embeds="abc", **kw)
+    with pytest.raises(ValueError, match="with batch, seq >= 1, got \\(1, 0, 16\\)"):
+        pipe(prompt_embeds=np.zeros((1, 0, 16)), **kw)
+    with pytest.raises(ValueError, match="latents holds NaN"):
+        pipe("a", latents=np.full((1, 8, 8, 4), np.nan), **kw)
+    image = np.full((1, 64, 64, 3), 0.5, np.float32)
+    img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    with pytest.raises(ValueError, match="image holds NaN"):
+        img("a", image=np.full((64, 64, 3), np.nan, np.float32), **kw)
+    with pytest.raises(TypeError, match="image must be PIL image.* got str"):
+        img("a", image="/no/such/file.png", **kw)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        img("a", image=image, noise=np.zeros((1, 8, 8, 3)), **kw)
+    inp = StableDiffusionInpaintPipeline.from_pipe(pipe)
+    with pytest.raises(ValueError, match="mask_image holds NaN"):
+        inp("a", image=image, mask_image=np.full((64, 64), np.nan), **kw)
+    with pytest.raises(TypeError, match="mask_image must be PIL mask.* got str"):
+        inp("a", image=image, mask_image="mask.png", **kw)
+
+
+def test_components_must_have_the_right_kind(pipe, sd_dir):
+    with pytest.raises(TypeError, match="scheduler must be a jaxdiff scheduler object"):
+        pipe.scheduler = "ddim"
+    with pytest.raises(
+        TypeError, match="unet must be a jaxdiff model given as \\(module, params\\)"
+    ):
+        StableDiffusionPipeline.from_pipe(pipe, unet=3)
+
+
 # ------------------------------------------------------------------ devices
 _MULTI = RECORD_COMPILES + textwrap.dedent(
     """

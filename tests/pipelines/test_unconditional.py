@@ -158,6 +158,16 @@ def test_bad_arguments(pipe, tiny_dir):
         pipe(batch_size=1, num_inference_steps=0, seed=0)
     with pytest.raises(ValueError, match="unknown scheduler 'lms'"):
         scheduler_class("lms")
+    with pytest.raises(ValueError, match="seed must fit in 64 bits"):
+        pipe(batch_size=1, num_inference_steps=2, seed=2**70)
+    ddim = DDIMPipeline.from_pipe(pipe)
+    for eta in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="eta must be >= 0"):
+            ddim(batch_size=1, num_inference_steps=2, seed=0, eta=eta)
+    with pytest.raises(TypeError, match="eta must be a number, got 'a'"):
+        ddim(batch_size=1, num_inference_steps=2, seed=0, eta="a")
+    with pytest.raises(TypeError, match="scheduler must be a jaxdiff scheduler object"):
+        DiffusionPipeline.from_pretrained(tiny_dir, scheduler="ddim")
     with pytest.raises(ValueError, match="needs the component"):
         DDPMPipeline(unet=None, scheduler=pipe.scheduler)
     with pytest.raises(TypeError, match=r"unexpected argument\(s\) \['schedular'\]"):

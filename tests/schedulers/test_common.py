@@ -268,3 +268,110 @@ def test_add_noise_state_is_optional_for_alpha_bar_schedulers(name):
     plain = sched.add_noise(x0, eps, t)
     np.testing.assert_array_equal(sched.add_noise(x0, eps, t, state=state), plain)
     np.testing.assert_array_equal(sched.add_noise_at_step(state, x0, eps, 2), plain)
+
+
+ALL_SCHEDULERS = [
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+]
+
+
+@pytest.mark.parametrize("name", ALL_SCHEDULERS)
+def test_bad_step_and_forward_inputs_are_named(name):
+    """Host-known bad values raise instead of being clamped by XLA into a wrong (or NaN) x."""
+    import jax
+
+    from jaxdiff import schedulers
+
+    sched = getattr(schedulers, name)()
+    x = jnp.ones((1, 4, 4, 3))
+    state = sched.set_timesteps(5, shape=x.shape)
+    t = state.timesteps[0]
+    with pytest.raises(ValueError, match=r"noise must have the shape of original_samples"):
+        sched.add_noise(x, jnp.ones((1, 2, 2, 3)), jnp.array([1]))
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, num_train_timesteps=1000\)"):
+        sched.add_noise(x, x, jnp.array([5000]))
+    if hasattr(sched, "alphas_cumprod") and name not in ("EulerDiscreteScheduler",):
+        with pytest.raises(ValueError, match="timesteps must lie in"):
+            sched.get_velocity(x, x, np.array([-1]))
+    if name in ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler"):  # t indexes the ᾱ table
+        for bad in (5000, -5):
+            with pytest.raises(ValueError, match=r"timestep must lie in \[0, num_train_timesteps"):
+                sched.step(state, x, bad, x, key=jax.random.key(0))
+    if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler"):  # fmt: skip
+        done = state.replace(step_index=jnp.int32(5))
+        with pytest.raises(
+            ValueError, match=r"called at step_index=5, but the state holds 5 steps"
+        ):
+            sched.step(done, x, t, x, key=jax.random.key(0))
+    if name in ("DDPMScheduler", "EulerAncestralDiscreteScheduler"):  # stochastic
+        with pytest.raises(TypeError, match="key must be a PRNG key"):
+            sched.step(state, x, t, x, key=3)
+        with pytest.raises(ValueError, match="noise must have the sample's shape"):
+            sched.step(state, x, t, x, noise=jnp.ones((2, 2)))
+        sched.step(state, x, t, x, key=jax.random.PRNGKey(0))  # legacy keys still work
+
+
+def test_bad_step_options_are_named():
+    import jax
+
+    from jaxdiff.schedulers import DDIMScheduler, EulerDiscreteScheduler
+
+    x = jnp.ones((1, 4, 4, 3))
+    ddim = DDIMScheduler()
+    state = ddim.set_timesteps(5)
+    for eta in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+            ddim.step(state, x, state.timesteps[0], x, key=jax.random.key(0), eta=eta)
+    with pytest.raises(TypeError, match="eta must be a number"):
+        ddim.step(state, x, state.timesteps[0], x, eta="a")
+    euler = EulerDiscreteScheduler()
+    state = euler.set_timesteps(5)
+    with pytest.raises(ValueError, match="s_churn must be a finite number >= 0"):
+        euler.step(state, x, state.timesteps[0], x, key=jax.random.key(0), s_churn=float("nan"))
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])  # fmt: skip
+def test_bad_custom_timesteps_are_named(name):
+    from jaxdiff import schedulers
+
+    sched = getattr(schedulers, name)()
+    with pytest.raises(ValueError, match="timesteps must be in descending order"):
+        sched.set_timesteps(timesteps=[1, 5, 9])
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, num_train_timesteps=1000\)"):
+        sched.set_timesteps(timesteps=[5000, 10])
+    with pytest.raises(ValueError, match="timesteps must lie in"):
+        sched.set_timesteps(timesteps=[10, -5])
+    with pytest.raises(ValueError, match="timesteps must be a non-empty 1-D list"):
+        sched.set_timesteps(timesteps=[])
+
+
+def test_bad_custom_sigmas_are_named():
+    from jaxdiff.schedulers import EulerDiscreteScheduler
+
+    euler = EulerDiscreteScheduler()
+    for sigmas in ([], [1.0], [[1.0, 0.0]]):
+        with pytest.raises(ValueError, match="sigmas must be a 1-D list of N \\+ 1 >= 2"):
+            euler.set_timesteps(sigmas=sigmas)
+    for sigmas in ([float("nan"), 0.0], [1.0, -1.0, 0.0]):
+        with pytest.raises(ValueError, match="sigmas must be finite and >= 0"):
+            euler.set_timesteps(sigmas=sigmas)
+
+
+@pytest.mark.parametrize("name", ALL_SCHEDULERS)
+def test_betas_outside_0_1_and_negative_offsets_are_named(name):
+    from jaxdiff import schedulers
+
+    cls = getattr(schedulers, name)
+    for kw in (dict(beta_end=2.0), dict(beta_start=-0.1), dict(beta_end=float("nan"))):
+        with pytest.raises(ValueError, match=r"beta_start/beta_end must give betas in \[0, 1\)"):
+            cls(**kw)
+    with pytest.raises(ValueError, match=r"trained_betas must give betas in \[0, 1\)"):
+        cls(trained_betas=[2.0] * 1000)
+    if name in ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler"):
+        with pytest.raises(ValueError, match="steps_offset=-1 pushes timestep -1 below 0"):
+            cls(steps_offset=-1, timestep_spacing="leading").set_timesteps(4)

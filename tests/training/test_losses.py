@@ -119,3 +119,22 @@ def test_snr_gamma_errors_name_the_argument(bad):
         diffusion_loss(_apply, params, DDPMScheduler(), x0, jax.random.key(0), snr_gamma=bad)
     with pytest.raises(ValueError, match="snr_gamma must be a number > 0"):
         TrainConfig(data="cifar10-cats", out="x", snr_gamma=bad).validate()
+
+
+@pytest.mark.parametrize(
+    "field, bad, message",
+    [
+        ("lr", "a", "lr must be a number"),
+        ("warmup", 1.5, "warmup must be an integer"),
+        ("sample_every", 1.5, "sample_every must be an integer"),
+        ("seed", "a", "seed must be an integer"),
+        ("weight_decay", float("nan"), "weight_decay must be a finite number >= 0"),
+        ("grad_clip", float("nan"), "grad_clip must be a finite number > 0"),
+        ("grad_clip", -1.0, "grad_clip must be a finite number > 0"),
+    ],
+)
+def test_train_config_rejects_bad_numbers(field, bad, message):
+    from jaxdiff.training.loop import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(data="cifar10-cats", out="x", **{field: bad}).validate()
