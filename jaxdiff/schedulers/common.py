@@ -27,6 +27,7 @@ import numpy as np
 from flax import struct
 
 from jaxdiff.configuration import ConfigMixin
+from jaxdiff.utils.checks import check_key, host_value
 
 # diffusers' KarrasDiffusionSchedulers: every one of these can be built from another's config.
 KARRAS_DIFFUSION_SCHEDULERS = (
@@ -231,20 +232,12 @@ def check_custom_sigmas(sigmas: Any) -> np.ndarray:
     return sig
 
 
-def _host_value(x: Any) -> np.ndarray | None:
-    """``x`` as a numpy array when its value is known on the host (a Python or numpy number,
-    a list, a concrete array); None for traced values (inside ``jit`` / ``scan``)."""
-    if x is None or isinstance(x, jax.core.Tracer):
-        return None
-    return np.asarray(x)
-
-
 def check_timestep(timestep: Any, num_train_timesteps: int, name: str = "timestep") -> None:
     """Raises when a host-known ``timestep`` is not a number in [0, num_train_timesteps)
     (an index past ᾱ's table would be clamped silently by XLA). Traced values are not checked."""
     if isinstance(timestep, (str, bytes)):
         raise TypeError(f"{name} must be an integer timestep, got {timestep!r}")
-    t = _host_value(timestep)
+    t = host_value(timestep)
     if t is None:
         return
     if not np.issubdtype(t.dtype, np.number) or np.issubdtype(t.dtype, np.complexfloating):
@@ -258,7 +251,7 @@ def check_timestep(timestep: Any, num_train_timesteps: int, name: str = "timeste
 def check_step_index(state: Any, who: str) -> None:
     """Raises when a host-known ``state.step_index`` is past the schedule's last step (the
     σ lookup would read past its end and give NaN). Traced states are not checked."""
-    i = _host_value(state.step_index)
+    i = host_value(state.step_index)
     if i is None or isinstance(state.timesteps, jax.core.Tracer):
         return
     n = int(count_steps(state.timesteps))
@@ -280,17 +273,6 @@ def check_step_option(name: str, value: Any, low: float = 0.0) -> None:
         raise TypeError(f"{name} must be a number, got {value!r}")
     if not (math.isfinite(value) and value >= low):
         raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
-
-
-def check_key(key: Any, who: str) -> None:
-    """Raises unless ``key`` is a PRNG key: ``jax.random.key(seed)`` or a legacy
-    ``jax.random.PRNGKey(seed)`` (uint32)."""
-    dtype = getattr(key, "dtype", None)
-    if dtype is None or not (
-        jnp.issubdtype(dtype, jax.dtypes.prng_key)
-        or (dtype == jnp.uint32 and key.shape[-1:] == (2,))
-    ):
-        raise TypeError(f"{who}: key must be a PRNG key, e.g. jax.random.key(seed), got {key!r}")
 
 
 def check_sample(sample: jax.Array, name: str = "sample") -> None:
