@@ -22,9 +22,11 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
+import numbers
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -317,6 +319,148 @@ def register_to_config(init):
     return wrapper
 
 
+# ------------------------------------------------------------------------------------------
+# Model config fields: the values that can never work are rejected when the model is built
+# (constructor, from_config, from_pretrained), not deep inside the first apply.
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+def _is_seq(v: Any, item: Callable[[Any], bool], min_len: int = 1, max_len: int = 10**9) -> bool:
+    return isinstance(v, (list, tuple)) and min_len <= len(v) <= max_len and all(map(item, v))
+
+
+def _pos_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _nonneg_int(v: Any) -> bool:
+    return _is_int(v) and v >= 0
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _or_list(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """A value for every block at once, or one per block."""
+    return lambda v: check(v) or _is_seq(v, check)
+
+
+# (check, what is expected). Each accepts what the diffusers / transformers constructors accept
+# for the field (e.g. attention_head_dim an int, a per-block list or None; norm_num_groups None);
+# a model narrows a rule with ``_config_rules`` where its code needs less.
+POS_INT = (_pos_int, "a positive int")
+NONNEG_INT = (_nonneg_int, "an int >= 0")
+OPT_POS_INT = (_optional(_pos_int), "a positive int or None")
+OPT_INT = (_optional(_is_int), "an int or None")
+POS_INTS = (_or_list(_pos_int), "a positive int or a list of positive ints (one per block)")
+OPT_POS_INTS = (
+    _optional(_or_list(_pos_int)),
+    "a positive int, a list of positive ints (one per block) or None",
+)
+NONNEG_INTS = (_or_list(_nonneg_int), "an int >= 0 or a list of them (one per block)")
+CHANNELS = (lambda v: _is_seq(v, _pos_int), "a non-empty list of positive ints")
+SIZE = (
+    lambda v: _pos_int(v) or _is_seq(v, _pos_int, 2, 2),
+    "a positive int or a [height, width] list of positive ints",
+)
+OPT_SIZE = (_optional(SIZE[0]), SIZE[1] + ", or None")
+EPS = (lambda v: _is_real(v) and v >= 0, "a finite number >= 0")
+REAL = (_is_real, "a finite number")
+OPT_REAL = (_optional(_is_real), "a finite number or None")
+OPT_REALS = (_optional(lambda v: _is_seq(v, _is_real)), "a list of finite numbers or None")
+PROB = (lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]")
+STR = (lambda v: isinstance(v, str), "a string")
+OPT_STR = (_optional(lambda v: isinstance(v, str)), "a string or None")
+STRS = (lambda v: _is_seq(v, lambda t: isinstance(t, str)), "a non-empty list of strings")
+
+MODEL_CONFIG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    # shapes
+    "in_channels": POS_INT,
+    "out_channels": POS_INT,
+    "latent_channels": POS_INT,
+    "sample_size": OPT_SIZE,
+    "block_out_channels": CHANNELS,
+    "layers_per_block": NONNEG_INTS,
+    "norm_num_groups": OPT_POS_INT,
+    "attn_norm_num_groups": OPT_POS_INT,
+    "attention_head_dim": OPT_POS_INTS,
+    "num_attention_heads": OPT_POS_INTS,
+    "cross_attention_dim": OPT_POS_INTS,
+    "time_embedding_dim": OPT_POS_INT,
+    "time_cond_proj_dim": OPT_POS_INT,
+    "addition_time_embed_dim": OPT_POS_INT,
+    "addition_embed_type_num_heads": POS_INT,
+    "projection_class_embeddings_input_dim": OPT_POS_INT,
+    "encoder_hid_dim": OPT_POS_INT,
+    "num_class_embeds": OPT_POS_INT,
+    "num_train_timesteps": OPT_POS_INT,
+    "downsample_padding": NONNEG_INT,
+    "conv_in_kernel": POS_INT,
+    "conv_out_kernel": POS_INT,
+    # numbers
+    "norm_eps": EPS,
+    "layer_norm_eps": EPS,
+    "dropout": PROB,
+    "attention_dropout": PROB,
+    "freq_shift": REAL,
+    "mid_block_scale_factor": REAL,
+    "resnet_out_scale_factor": REAL,
+    "scaling_factor": REAL,
+    "shift_factor": OPT_REAL,
+    "latents_mean": OPT_REALS,
+    "latents_std": OPT_REALS,
+    # names
+    "down_block_types": STRS,
+    "up_block_types": STRS,
+    "mid_block_type": OPT_STR,
+    "act_fn": STR,
+    "hidden_act": STR,
+    "time_embedding_type": STR,
+    "resnet_time_scale_shift": STR,
+    "downsample_type": STR,
+    "upsample_type": STR,
+    "class_embed_type": OPT_STR,
+    "addition_embed_type": OPT_STR,
+    # transformers' CLIPTextConfig
+    "vocab_size": POS_INT,
+    "hidden_size": POS_INT,
+    "intermediate_size": POS_INT,
+    "max_position_embeddings": POS_INT,
+    "num_hidden_layers": NONNEG_INT,
+    "projection_dim": OPT_POS_INT,
+    "pad_token_id": OPT_INT,
+    "bos_token_id": OPT_INT,
+    "eos_token_id": (
+        _optional(lambda v: _is_int(v) or _is_seq(v, _is_int)),
+        "an int, a list of ints or None",
+    ),
+}
+
+
+def check_config_values(
+    cls_name: str,
+    values: Mapping[str, Any],
+    rules: Mapping[str, tuple[Callable[[Any], bool], str]] = MODEL_CONFIG_RULES,
+) -> None:
+    """Raises for the first config value that breaks its rule (fields without one pass).
+
+    Raises:
+        ValueError: ``"UNet2DModel config: in_channels must be a positive int, got '3'"``.
+    """
+    for name, value in values.items():
+        rule = rules.get(name)
+        if rule is not None and not rule[0](value):
+            raise ValueError(f"{cls_name} config: {name} must be {rule[1]}, got {value!r}")
+
+
 class ModelConfigMixin(_ConfigBase):
     """Config handling for Flax Linen modules: the dataclass fields are the config.
 
@@ -325,6 +469,23 @@ class ModelConfigMixin(_ConfigBase):
     """
 
     _non_config_fields = ("dtype", "param_dtype", "parent", "name", "attention_chunk_size")
+    # Narrower rules than MODEL_CONFIG_RULES for this model's fields (e.g. no per-block lists).
+    _config_rules: dict[str, tuple[Callable[[Any], bool], str]] = {}
+
+    def __post_init__(self):
+        """Checks the config values (see :func:`check_config_values`), then the model's own
+        cross-field checks (:meth:`_validate_config`), whenever the module is built."""
+        names, _, _ = _accepted_keys(type(self))
+        check_config_values(
+            type(self).__name__,
+            {k: getattr(self, k) for k in names},
+            {**MODEL_CONFIG_RULES, **type(self)._config_rules},
+        )
+        self._validate_config()
+        super().__post_init__()
+
+    def _validate_config(self) -> None:
+        """Checks between config fields; runs after the per-field checks."""
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any = None, **kwargs):

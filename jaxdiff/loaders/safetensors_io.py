@@ -155,7 +155,27 @@ def save_file(
 
     The file is written to a temporary name and renamed, so a crash never leaves half a file.
     """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(
+            "save_file(tensors, path): tensors must be a dict of {name: array}, got "
+            f"{type(tensors).__name__}"
+        )
+    bad = [k for k in tensors if not isinstance(k, str) or k == "__metadata__"]
+    if bad:
+        raise TypeError(
+            f"save_file: tensor names must be strings (other than '__metadata__'), got {bad[0]!r}"
+        )
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"save_file(tensors, path): path must be a file path, got {type(path).__name__}"
+        )
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(
+            f"save_file: metadata must be a dict of strings or None, got {type(metadata).__name__}"
+        )
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"save_file: path {path!r} is a folder, expected a file name")
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -180,9 +200,14 @@ def save_file(
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name in sorted(arrays):
-            f.write(arrays[name].tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name in sorted(arrays):
+                f.write(arrays[name].tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

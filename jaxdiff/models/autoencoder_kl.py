@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.configuration import NONNEG_INT, POS_INT, SIZE
 from jaxdiff.models.layers import conv
 from jaxdiff.models.modeling_utils import FlaxModelMixin
 from jaxdiff.models.vae_blocks import Decoder, Encoder
+from jaxdiff.utils.checks import check_key
 
 Array = jax.Array
 
@@ -105,6 +107,7 @@ class DiagonalGaussianDistribution:
             raise ValueError(
                 "DiagonalGaussianDistribution.sample(key) needs a PRNG key, e.g. jax.random.key(0)"
             )
+        check_key(key, "DiagonalGaussianDistribution.sample")
         eps = jax.random.normal(key, self.mean.shape, self.mean.dtype)
         return self.mean + self.std * eps
 
@@ -318,6 +321,11 @@ class AutoencoderKL(FlaxModelMixin, nn.Module):
         "use_tiling",
         "tile_overlap_factor",
     )
+    _config_rules = {
+        "layers_per_block": NONNEG_INT,
+        "norm_num_groups": POS_INT,
+        "sample_size": SIZE,
+    }
     _list_names = (
         "down_blocks",
         "up_blocks",
@@ -438,6 +446,10 @@ class AutoencoderKL(FlaxModelMixin, nn.Module):
                 f"x has {x.shape[-1]} channels (last axis, NHWC) but the VAE expects "
                 f"in_channels={self.in_channels}; got shape {x.shape}"
             )
+        if 0 in x.shape[:3]:
+            raise ValueError(
+                f"encode expects x with a non-empty batch, height and width, got shape {x.shape}"
+            )
         return x  # any size from 2 ** (len(block_out_channels) - 1) up: the Encoder checks
 
     def _check_latent(self, z: Array) -> Array:
@@ -451,6 +463,10 @@ class AutoencoderKL(FlaxModelMixin, nn.Module):
             raise ValueError(
                 f"z has {z.shape[-1]} channels (last axis, NHWC) but the VAE expects "
                 f"latent_channels={self.latent_channels}; got shape {z.shape}"
+            )
+        if 0 in z.shape[:3]:
+            raise ValueError(
+                f"decode expects z with a non-empty batch, height and width, got shape {z.shape}"
             )
         return z
 

@@ -44,8 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.configuration import FrozenConfig, _accepted_keys
+from jaxdiff.configuration import POS_INT, FrozenConfig, _accepted_keys
 from jaxdiff.models.modeling_utils import FlaxModelMixin
+from jaxdiff.utils.checks import host_value
 
 __all__ = [
     "CLIPTextModel",
@@ -349,7 +350,9 @@ class CLIPTextModel(FlaxModelMixin, nn.Module):
     _list_names = ("layers",)
     _architecture = "CLIPTextModel"
 
-    def __post_init__(self):
+    _config_rules = {"num_attention_heads": POS_INT}
+
+    def _validate_config(self):
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(
                 f"hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}"
@@ -359,10 +362,6 @@ class CLIPTextModel(FlaxModelMixin, nn.Module):
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        super().__post_init__()
 
     # ------------------------------------------------------------------ forward
 
@@ -401,13 +400,28 @@ class CLIPTextModel(FlaxModelMixin, nn.Module):
             ``sdpa`` attention (its ``eager`` attention averages every value there instead);
             they are padding positions.
         """
+        host_ids = host_value(input_ids)  # None inside jit: traced ids are not checked
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(
                 f"input_ids must have shape (batch, seq), got shape {tuple(input_ids.shape)}"
+                + (" (use input_ids[None] for one prompt)" if input_ids.ndim == 1 else "")
+            )
+        if 0 in input_ids.shape:
+            raise ValueError(
+                "input_ids must hold at least one prompt of at least one token, got shape "
+                f"{tuple(input_ids.shape)}"
             )
         if not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if host_ids is not None:
+            lo, hi = int(host_ids.min()), int(host_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                # jnp.take would clamp or NaN-fill them: a silent wrong embedding
+                raise ValueError(
+                    f"input_ids must be token ids in [0, vocab_size={self.vocab_size}), got ids "
+                    f"from {lo} to {hi}: was the prompt tokenized for another model?"
+                )
         seq = input_ids.shape[1]
         if seq > self.max_position_embeddings:
             raise ValueError(
@@ -547,12 +561,7 @@ class CLIPTextModelWithProjection(CLIPTextModel):
 
     _architecture = "CLIPTextModelWithProjection"
 
-    def __post_init__(self):
-        if not self.projection_dim or int(self.projection_dim) <= 0:
-            raise ValueError(
-                f"CLIPTextModelWithProjection needs projection_dim > 0, got {self.projection_dim}"
-            )
-        super().__post_init__()
+    _config_rules = {**CLIPTextModel._config_rules, "projection_dim": POS_INT}
 
     @nn.compact
     def __call__(

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from jaxdiff import hub
 from jaxdiff.configuration import ModelConfigMixin, load_config
@@ -155,20 +156,64 @@ class FlaxModelMixin(ModelConfigMixin):
             variant: e.g. ``"fp16"``; also pass ``dtype=jnp.float16`` to store half precision.
             dtype: storage dtype; default keeps the params' own dtype.
         """
+        # Every argument is checked before anything is written: a wrong call leaves the folder
+        # as it was.
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise TypeError(
+                "save_pretrained(save_directory, params): save_directory must be a folder path "
+                f"(str or os.PathLike), got {type(save_directory).__name__}"
+            )
         if not isinstance(params, dict) or not params:
             raise TypeError(
                 f"save_pretrained(save_directory, params): params must be the params tree, "
                 f"got {type(params).__name__}"
             )
+        if variant is not None and (
+            not isinstance(variant, str) or not variant or any(c in variant for c in "/\\")
+        ):
+            raise ValueError(
+                f"variant must be a name such as 'fp16' (or None), got {variant!r}; pass the "
+                "storage dtype as dtype="
+            )
         if isinstance(params.get("params"), dict) and len(params) == 1:
             params = params["params"]
+        self._check_params_tree(params)
         if dtype is not None:
             params = cast_floating(params, check_dtype(dtype))
-        self.save_config(save_directory)
         tensors = {k: np.asarray(v) for k, v in self.state_dict(params).items()}
         name = (
             f"{self.weights_name}.{variant}.safetensors"
             if variant
             else f"{self.weights_name}.safetensors"
         )
+        self.save_config(save_directory)
         save_file(tensors, os.path.join(os.fspath(save_directory), name), metadata={"format": "pt"})
+
+    def _check_params_tree(self, params: dict) -> None:
+        """Raises unless ``params`` has exactly this module's parameter names and shapes."""
+        want = traverse_util.flatten_dict(self.param_shapes())
+        try:
+            got = traverse_util.flatten_dict(params)
+        except Exception as err:  # a tree that is not nested dicts of arrays
+            raise TypeError(f"params must be a nested dict of arrays: {err}") from err
+        missing = sorted("/".join(k) for k in want.keys() - got.keys())
+        unexpected = sorted("/".join(map(str, k)) for k in got.keys() - want.keys())
+        shapes = sorted(
+            f"{'/'.join(k)}: {tuple(np.shape(got[k]))}, expected {tuple(want[k].shape)}"
+            for k in want.keys() & got.keys()
+            if tuple(np.shape(got[k])) != tuple(want[k].shape)
+        )
+        if missing or unexpected or shapes:
+            parts = [
+                f"{label} ({len(items)}): {items[:5]}{' ...' if len(items) > 5 else ''}"
+                for label, items in (
+                    ("missing", missing),
+                    ("unexpected", unexpected),
+                    ("wrong shape", shapes),
+                )
+                if items
+            ]
+            raise ValueError(
+                f"save_pretrained: params are not the params tree of this {type(self).__name__} "
+                f"(its config); nothing was written. " + "; ".join(parts)
+            )

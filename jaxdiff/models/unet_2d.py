@@ -12,6 +12,7 @@ options: Fourier noise-level features (*Song et al. (2021)*), adaptive group nor
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.configuration import NONNEG_INT, OPT_POS_INT, POS_INT
 from jaxdiff.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from jaxdiff.models.layers import apply_norm, conv, group_norm
 from jaxdiff.models.modeling_utils import FlaxModelMixin
@@ -29,6 +31,7 @@ from jaxdiff.models.unet_2d_blocks import (
     get_down_block,
     get_up_block,
 )
+from jaxdiff.utils.checks import host_value
 
 Array = jax.Array
 
@@ -67,6 +70,11 @@ def check_unet_inputs(
             f"got shape {sample.shape}"
         )
     b, h, w, c = sample.shape
+    if 0 in (b, h, w):
+        raise ValueError(
+            f"sample must have a non-empty batch, height and width (batch, height, width, "
+            f"{in_channels}), got shape {sample.shape}"
+        )
     if c != in_channels:
         raise ValueError(
             f"sample has {c} channels (last axis, NHWC) but the model expects "
@@ -82,6 +90,26 @@ def check_unet_inputs(
         raise ValueError(
             f"timesteps must be a scalar or a (batch,) = ({b},) array, got shape {timesteps.shape}"
         )
+
+
+def check_unet_timesteps(timesteps: Any) -> Array:
+    """``timesteps`` as an array, after checking host-known values (traced ones are not).
+
+    Raises:
+        TypeError: when ``timesteps`` is missing or not numeric.
+        ValueError: when a host-known timestep is NaN or infinite (the output would be NaN).
+    """
+    if timesteps is None or isinstance(timesteps, (str, bytes)):
+        raise TypeError(f"timesteps must be a number or a (batch,) array, got {timesteps!r}")
+    t = host_value(timesteps)
+    if t is not None:
+        if not np.issubdtype(t.dtype, np.number) or np.issubdtype(t.dtype, np.complexfloating):
+            raise TypeError(
+                f"timesteps must be a number or a (batch,) array of numbers, got {timesteps!r}"
+            )
+        if not np.isfinite(t).all():
+            raise ValueError(f"timesteps must be finite, got {t.tolist()}")
+    return jnp.asarray(timesteps)
 
 
 class UNet2DModel(FlaxModelMixin, nn.Module):
@@ -148,6 +176,11 @@ class UNet2DModel(FlaxModelMixin, nn.Module):
     attention_chunk_size: int | None = None
     dtype: jnp.dtype = jnp.float32
 
+    _config_rules = {
+        "layers_per_block": NONNEG_INT,
+        "attention_head_dim": OPT_POS_INT,
+        "norm_num_groups": POS_INT,  # diffusers: None fails there too
+    }
     _list_names = (
         "down_blocks",
         "up_blocks",
@@ -259,7 +292,7 @@ class UNet2DModel(FlaxModelMixin, nn.Module):
     ) -> UNet2DOutput:
         self._check_config()
         sample = jnp.asarray(sample)
-        timesteps = jnp.asarray(timesteps)
+        timesteps = check_unet_timesteps(timesteps)
         self._check_inputs(sample, timesteps)
         dtype = self.dtype
         boc = tuple(self.block_out_channels)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxdiff.models.embeddings import TimestepEmbedding, Timesteps
 from jaxdiff.models.layers import apply_norm, conv, get_activation, group_norm
 from jaxdiff.models.modeling_utils import FlaxModelMixin
-from jaxdiff.models.unet_2d import check_unet_inputs
+from jaxdiff.models.unet_2d import check_unet_inputs, check_unet_timesteps
 from jaxdiff.models.unet_2d_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
 from jaxdiff.models.unet_2d_condition_blocks import (
     CrossAttnDownBlock2D,
@@ -361,6 +361,11 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
                 f"cross_attention_dim={self.context_dim} (e.g. 768 for SD 1.x, 1024 for SD 2.x); "
                 f"got shape {context.shape}"
             )
+        if context.shape[1] == 0:
+            raise ValueError(
+                "encoder_hidden_states must hold at least one token, got shape "
+                f"{context.shape} (sequence length 0)"
+            )
         if context.shape[0] != b:
             raise ValueError(
                 f"encoder_hidden_states has batch {context.shape[0]}, sample has batch {b}"
@@ -401,7 +406,12 @@ class UNet2DConditionModel(FlaxModelMixin, nn.Module):
         """
         self._check_config()
         sample = jnp.asarray(sample)
-        timesteps = jnp.asarray(timesteps)
+        timesteps = check_unet_timesteps(timesteps)
+        if encoder_hidden_states is None:
+            raise ValueError(
+                "encoder_hidden_states is required: a (batch, sequence, cross_attention_dim="
+                f"{self.context_dim}) array, e.g. the text encoder's last_hidden_state"
+            )
         context = jnp.asarray(encoder_hidden_states)
         self._check_inputs(sample, timesteps, context)
         dtype = self.dtype

@@ -95,3 +95,22 @@ def test_corrupt_header_is_named(tmp_path):
     huge.write_bytes(b"\xff" * 8 + b"{}")
     with pytest.raises(SafetensorsError, match="header claims"):
         load_file(huge)
+
+
+def test_bad_arguments_raise_before_anything_is_written(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": np.ones(2, np.float32)}, path)
+    before = path.read_bytes()
+    x = np.zeros(2, np.float32)
+    for args, error, match in [
+        (({1: x}, path), TypeError, r"tensor names must be strings .* got 1"),
+        (({"__metadata__": x}, path), TypeError, "tensor names must be strings"),
+        ((str(path), {"a": x}), TypeError, r"save_file\(tensors, path\): tensors must be a dict"),
+        (({"a": x}, {"b": x}), TypeError, "path must be a file path, got dict"),
+        (({"a": x}, path, "pt"), TypeError, "metadata must be a dict of strings or None"),
+        (({"a": x}, tmp_path), IsADirectoryError, "is a folder, expected a file name"),
+    ]:
+        with pytest.raises(error, match=match):
+            save_file(*args)
+    assert path.read_bytes() == before  # the earlier file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # no temp files

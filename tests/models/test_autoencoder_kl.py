@@ -134,6 +134,8 @@ def test_sample_is_mean_plus_std_times_the_keys_eps(base):
     assert not np.allclose(post.sample(jax.random.key(4)), post.sample(key))
     with pytest.raises(ValueError, match="PRNG key"):
         post.sample(None)
+    with pytest.raises(TypeError, match=r"key must be a PRNG key, e.g. jax.random.key\(seed\)"):
+        post.sample(3)
     # the model call with sample_posterior decodes that very sample
     call = jax.jit(lambda p, x, k: model.apply({"params": p}, x, sample_posterior=True, key=k))
     out = call(params, arrays["x"], key)
@@ -330,6 +332,13 @@ def test_config_weights_mismatch_is_reported(base):
         ("decode", (1, 8, 8, 3), "z has 3 channels .* latent_channels=4"),
         ("decode", (8, 8, 4), "4-D NHWC"),
         ("__call__", (1, 3, 16, 16), "x has 16 channels"),
+        (
+            "encode",
+            (0, 16, 16, 3),
+            r"non-empty batch, height and width, got shape \(0, 16, 16, 3\)",
+        ),
+        ("encode", (1, 0, 0, 3), r"non-empty batch, height and width, got shape \(1, 0, 0, 3\)"),
+        ("decode", (1, 0, 2, 4), r"decode expects z with a non-empty batch, height and width"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(base, method, shape, match):
@@ -353,6 +362,16 @@ def test_bad_configs_raise_clear_errors():
         ).init_weights(jax.random.key(0))
     with pytest.raises(ValueError, match="norm_num_groups=32 must divide"):
         AutoencoderKL(block_out_channels=(48,)).init_weights(jax.random.key(0))
+    for field, value, match in [
+        ("latent_channels", 0, "latent_channels must be a positive int, got 0"),
+        ("norm_num_groups", None, "norm_num_groups must be a positive int, got None"),
+        ("sample_size", None, "sample_size must be a positive int or a"),
+        ("scaling_factor", "0.18", "scaling_factor must be a finite number, got '0.18'"),
+        ("latents_mean", "abc", "latents_mean must be a list of finite numbers or None"),
+    ]:
+        with pytest.raises(ValueError, match="AutoencoderKL config: " + match):
+            AutoencoderKL.from_config({field: value})
+    assert AutoencoderKL(sample_size=[32, 32], latents_mean=[0.1] * 4).sample_size == [32, 32]
 
 
 def test_init_weights_builds_the_loaded_tree(base):

@@ -185,6 +185,32 @@ def test_bad_input_ids():
         CLIPTextModel(hidden_act="gelu_fancy")
     with pytest.raises(ValueError, match="multiple of num_attention_heads"):
         CLIPTextModel(hidden_size=30, num_attention_heads=4)
+    with pytest.raises(ValueError, match=r"input_ids must hold at least one prompt"):
+        _run(model, params, np.ones((1, 0), np.int32))
+    with pytest.raises(ValueError, match=r"input_ids must hold at least one prompt"):
+        _run(model, params, np.ones((0, 4), np.int32))
+    with pytest.raises(
+        ValueError, match=r"CLIPTextModel config: vocab_size must be a positive int"
+    ):
+        CLIPTextModel(vocab_size="49408")
+    with pytest.raises(ValueError, match=r"layer_norm_eps must be a finite number >= 0"):
+        CLIPTextModel(layer_norm_eps=None)
+
+
+def test_token_ids_outside_the_vocabulary():
+    model, params = _cached("gelu_eos_id")
+    n = model.vocab_size
+    match = rf"input_ids must be token ids in \[0, vocab_size={n}\), got ids from"
+    for bad in (n, 10**6, -3):
+        ids = np.full((1, 4), 5, np.int32)
+        ids[0, 2] = bad
+        with pytest.raises(ValueError, match=match):  # host-known ids: checked
+            model.apply({"params": params}, ids)
+        with pytest.raises(ValueError, match=match):
+            model.apply({"params": params}, jnp.asarray(ids))
+    # traced ids are not checked (nothing changes in compiled code)
+    out = _run(model, params, np.full((1, 4), n - 1, np.int32))
+    assert np.isfinite(np.asarray(out.last_hidden_state)).all()
 
 
 def test_config_not_matching_weights_names_keys():
@@ -305,7 +331,7 @@ def test_with_projection_matches_transformers_and_round_trips(tmp_path):
     with torch.no_grad():
         again = back.eval()(input_ids=torch.from_numpy(ids)).text_embeds.numpy()
     np.testing.assert_allclose(again, want.text_embeds.numpy(), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="projection_dim > 0"):
+    with pytest.raises(ValueError, match="projection_dim must be a positive int"):
         CLIPTextModelWithProjection(projection_dim=None)
 
 

@@ -225,12 +225,75 @@ def small_model():
         ((1, 3, 8, 8), 1, r"sample has 8 channels .* in_channels=3"),
         ((1, 9, 8, 3), 1, r"multiples of 2 .* got 9x8"),
         ((2, 8, 8, 3), np.ones(3), r"timesteps must be a scalar or a \(batch,\) = \(2,\) array"),
+        ((0, 8, 8, 3), 1, r"sample must have a non-empty batch, height and width"),
+        ((1, 0, 8, 3), 1, r"sample must have a non-empty batch, height and width"),
+        ((1, 8, 8, 3), float("nan"), r"timesteps must be finite, got nan"),
+        ((2, 8, 8, 3), np.array([1.0, np.inf]), r"timesteps must be finite, got \[1.0, inf\]"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(small_model, shape, t, match):
     model, shapes = small_model
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros(shape), t), shapes)
+
+
+def test_non_numeric_timesteps_raise(small_model):
+    model, shapes = small_model
+    for t in ("a", None):
+        with pytest.raises(TypeError, match="timesteps must be a number"):
+            model.apply({"params": shapes}, jnp.zeros((1, 8, 8, 3)), t)
+
+
+def test_traced_timesteps_are_not_checked(small_model):
+    model, shapes = small_model  # a NaN inside jit is the caller's business: no host sync
+    out = jax.eval_shape(
+        jax.jit(lambda p, t: model.apply({"params": p}, jnp.zeros((1, 8, 8, 3)), t)),
+        shapes,
+        jnp.float32(np.nan),
+    )
+    assert out.sample.shape == (1, 8, 8, 3)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("in_channels", "3", r"UNet2DModel config: in_channels must be a positive int, got '3'"),
+        ("in_channels", 0, r"in_channels must be a positive int, got 0"),
+        ("in_channels", True, r"in_channels must be a positive int, got True"),
+        ("norm_num_groups", 0, r"norm_num_groups must be a positive int, got 0"),
+        ("norm_num_groups", None, r"norm_num_groups must be a positive int, got None"),
+        ("norm_eps", "a", r"norm_eps must be a finite number >= 0, got 'a'"),
+        ("norm_eps", float("nan"), r"norm_eps must be a finite number >= 0, got nan"),
+        ("sample_size", "x", r"sample_size must be a positive int or a \[height, width\]"),
+        ("block_out_channels", "abc", r"block_out_channels must be a non-empty list"),
+        ("block_out_channels", (8, -16), r"block_out_channels must be a non-empty list"),
+        ("layers_per_block", -1, r"layers_per_block must be an int >= 0, got -1"),
+        ("attention_head_dim", [2, 2], r"attention_head_dim must be a positive int or None"),
+        ("dropout", 2, r"dropout must be a number in \[0, 1\], got 2"),
+        ("down_block_types", "DownBlock2D", r"down_block_types must be a non-empty list of str"),
+    ],
+)
+def test_bad_config_values_raise_when_built(small_model, field, value, match):
+    config = dict(small_model[0].config)
+    with pytest.raises(ValueError, match=match):
+        UNet2DModel.from_config({**config, field: value})
+    with pytest.raises(ValueError, match=match):
+        UNet2DModel(**{field: value})
+
+
+def test_bad_config_value_in_config_json(tmp_path):
+    tmp_path = tmp_path / "unet"
+    shutil.copytree(_case_dir(GOLDEN[0]), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "in_channels": "3"}))
+    with pytest.raises(ValueError, match="UNet2DModel config: in_channels must be a positive int"):
+        UNet2DModel.from_pretrained(tmp_path)
+
+
+def test_valid_config_variants_still_build():
+    assert UNet2DModel(sample_size=[16, 32]).sample_size == [16, 32]
+    assert UNet2DModel(sample_size=None, attention_head_dim=None, norm_eps=0).norm_eps == 0
+    assert UNet2DModel(layers_per_block=0, attn_norm_num_groups=None).layers_per_block == 0
 
 
 def test_class_labels_errors(small_model):
@@ -243,6 +306,32 @@ def test_class_labels_errors(small_model):
     cls_model = model.clone(num_class_embeds=4)
     with pytest.raises(ValueError, match="class_labels should be provided"):
         jax.eval_shape(lambda: cls_model.init(jax.random.key(0), x, 1))
+
+
+def test_save_pretrained_bad_arguments_write_nothing(small_model, tmp_path):
+    model, shapes = small_model
+    params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    model.save_pretrained(tmp_path, params)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = UNet2DModel(
+        block_out_channels=(8, 8),
+        down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2,
+        norm_num_groups=4,
+    )
+    wrong_shape = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), other.param_shapes())
+    for args, kwargs, error, match in [
+        (({"foo": np.zeros(2)},), {}, ValueError, r"params are not the params tree .* missing"),
+        (({**params, "extra": {"w": np.zeros(2)}},), {}, ValueError, r"unexpected \(1\)"),
+        ((wrong_shape,), {}, ValueError, r"wrong shape"),
+        ((params, jnp.float16), {}, ValueError, r"variant must be a name such as 'fp16'"),
+        ((params, "a/b"), {}, ValueError, r"variant must be a name"),
+    ]:
+        with pytest.raises(error, match=match):
+            model.save_pretrained(tmp_path, *args, **kwargs)
+    with pytest.raises(TypeError, match="save_directory must be a folder path"):
+        model.save_pretrained(params, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_config_round_trip():

@@ -217,6 +217,38 @@ def test_error_timesteps_and_batch(tiny):
         _call(model, params, np.zeros((1, 16, 16, 4)), class_labels=np.zeros((1,), int))
 
 
+def test_error_missing_or_empty_inputs(tiny):
+    model, params = tiny
+    x = np.zeros((1, 16, 16, 4))
+    with pytest.raises(ValueError, match=r"encoder_hidden_states is required: a \(batch, seq"):
+        model.apply({"params": params}, x, 1, None)
+    with pytest.raises(ValueError, match=r"sample must have a non-empty batch, height and width"):
+        _call(model, params, np.zeros((1, 0, 0, 4)))
+    with pytest.raises(ValueError, match=r"sample must have a non-empty batch, height and width"):
+        _call(model, params, np.zeros((0, 16, 16, 4)))
+    with pytest.raises(ValueError, match=r"encoder_hidden_states must hold at least one token"):
+        _call(model, params, x, context=np.zeros((1, 0, 16)))
+    with pytest.raises(ValueError, match=r"timesteps must be finite, got \[nan\]"):
+        _call(model, params, x, t=np.array([np.nan]))
+
+
+def test_bad_config_values_raise_when_built(tiny):
+    config = dict(tiny[0].config)
+    for field, value, match in [
+        ("cross_attention_dim", "768", r"cross_attention_dim must be a positive int, a list"),
+        ("attention_head_dim", [5, 0], r"attention_head_dim must be a positive int, a list"),
+        ("sample_size", [64], r"sample_size must be a positive int or a \[height, width\]"),
+        ("norm_num_groups", 0, r"norm_num_groups must be a positive int or None, got 0"),
+    ]:
+        with pytest.raises(ValueError, match="UNet2DConditionModel config: " + match):
+            UNet2DConditionModel.from_config({**config, field: value})
+    # diffusers' own variants still build: per-block lists, None sample_size
+    ok = UNet2DConditionModel.from_config(
+        {**config, "attention_head_dim": [2, 4], "sample_size": None, "layers_per_block": [1, 2]}
+    )
+    assert ok.attention_head_dim == (2, 4)
+
+
 @pytest.mark.parametrize(
     "field, value, error, match",
     [
