@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -51,7 +52,28 @@ def make_image_grid(
         and not isinstance(images, (list, tuple))
     ):
         images = numpy_to_pil(np.asarray(images))
+    for name, value, what in (
+        ("rows", rows, "a positive int"),
+        ("cols", cols, "a positive int"),
+        ("resize", resize, "a positive int (the side in pixels) or None"),
+    ):
+        if value is None and name == "resize":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"make_image_grid: {name} must be {what}, got {value!r}")
+        if value < 1:
+            raise ValueError(f"make_image_grid: {name} must be {what}, got {value!r}")
+    if isinstance(images, (str, bytes, Image.Image)) or not isinstance(images, Iterable):
+        raise TypeError(
+            "make_image_grid: images must be a list of PIL images or a (B, H, W, C) array, got "
+            f"{type(images).__name__}"
+        )
     images = list(images)
+    bad = [type(im).__name__ for im in images if not isinstance(im, Image.Image)]
+    if bad:
+        raise TypeError(
+            f"make_image_grid: images must be PIL images (or one (B, H, W, C) array), got {bad[0]}"
+        )
     if len(images) != rows * cols:
         raise ValueError(
             f"make_image_grid needs rows * cols = {rows} * {cols} = {rows * cols} images, "
