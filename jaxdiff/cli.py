@@ -225,10 +225,21 @@ def generate(args: argparse.Namespace) -> int:
 
 def _load_pipeline(model: str, config: str | None, dtype):
     """A pipeline folder or repo, or a single-file checkpoint (with ``--config``)."""
+    from jaxdiff.loaders.weights import checkpoint_format
     from jaxdiff.pipelines import DiffusionPipeline
     from jaxdiff.pipelines.stable_diffusion import StableDiffusionPipeline
 
     if os.path.isfile(model):
+        kind = checkpoint_format(model)
+        if kind != "safetensors":
+            what = "is a pickled checkpoint" if kind else "is not a model checkpoint"
+            raise ValueError(
+                f"--model {model} {what}. --model takes a pipeline folder in diffusers layout "
+                "(with model_index.json), a Hub repo id (owner/name), or a single-file Stable "
+                "Diffusion .safetensors checkpoint; a pickled .ckpt only in Python, with "
+                "StableDiffusionPipeline.from_single_file(path, allow_pickle=True) (or convert "
+                "it to safetensors)"
+            )
         return StableDiffusionPipeline.from_single_file(model, config=config, dtype=dtype)
     if config is not None:
         raise ValueError("--config is for a single-file --model checkpoint")

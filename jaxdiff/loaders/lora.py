@@ -46,7 +46,7 @@ from flax import traverse_util
 from jaxdiff import hub
 from jaxdiff.loaders import state_dict as sd
 from jaxdiff.loaders.safetensors_io import open_file, read_header
-from jaxdiff.loaders.weights import read_state_dict
+from jaxdiff.loaders.weights import checkpoint_format, read_state_dict
 
 LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -102,7 +102,13 @@ def read_lora_file(
         if weight_name is None:
             weight_name = _guess_weight_name(name, subfolder, **hub_kwargs)
         path = hub.resolve_file(name, weight_name, subfolder, **hub_kwargs)
-    if not path.endswith(".safetensors") and not allow_pickle:
+    kind = checkpoint_format(path)
+    if kind is None:
+        raise ValueError(
+            f"{path} is not a LoRA checkpoint: expected a .safetensors file (a pickled .bin "
+            "only with allow_pickle=True), a folder or Hub repo holding one, or a state dict"
+        )
+    if kind != "safetensors" and not allow_pickle:
         raise ValueError(
             f"{path} is a pickled checkpoint; pass allow_pickle=True to read it "
             "(torch.load(weights_only=True)), or convert it to safetensors"

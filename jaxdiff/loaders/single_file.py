@@ -33,7 +33,7 @@ import numpy as np
 from jaxdiff import hub
 from jaxdiff.loaders import state_dict as sd
 from jaxdiff.loaders.safetensors_io import open_file
-from jaxdiff.loaders.weights import read_state_dict
+from jaxdiff.loaders.weights import checkpoint_format, read_state_dict
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -281,7 +281,15 @@ class FromSingleFileMixin:
 
         hub_kwargs = hub.pop_hub_kwargs(kwargs)
         path = _checkpoint_path(pretrained_model_link_or_path, hub_kwargs)
-        if path.endswith(".safetensors"):
+        kind = checkpoint_format(path)
+        if kind is None:
+            raise ValueError(
+                f"{path} is not a model checkpoint: from_single_file reads a Stable Diffusion "
+                "1.x/2.x single-file checkpoint, a .safetensors file (a pickled .ckpt only with "
+                "allow_pickle=True); a pipeline folder in diffusers layout or a Hub repo id "
+                "loads with from_pretrained"
+            )
+        if kind == "safetensors":
             checkpoint = open_file(path)
         elif allow_pickle:
             checkpoint = read_state_dict([path], allow_pickle=True)

@@ -16,6 +16,27 @@ import numpy as np
 from jaxdiff import hub
 from jaxdiff.loaders.safetensors_io import open_file
 
+# Suffixes of torch.save files (pickles; read only with allow_pickle=True).
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+def checkpoint_format(path: str | os.PathLike) -> str | None:
+    """``"safetensors"``, ``"pickle"`` (a ``torch.save`` file, by its suffix or its first bytes:
+    a zip archive or a pickle stream) or None for any other file (a config, an image...)."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        return "safetensors"
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        return "pickle"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if head == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "pickle"
+    return None
+
 
 def _add_variant(filename: str, variant: str | None) -> str:
     """``model.safetensors`` + ``fp16`` -> ``model.fp16.safetensors`` (diffusers' _add_variant)."""

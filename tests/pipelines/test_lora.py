@@ -336,6 +336,9 @@ def test_lora_errors(pipe, tmp_path):
     (tmp_path / "old.bin").write_bytes(b"not read")
     with pytest.raises(ValueError, match="pass allow_pickle=True"):
         pipe.load_lora_weights(tmp_path / "old.bin")
+    (tmp_path / "notes.txt").write_text("a cat")
+    with pytest.raises(ValueError, match="notes.txt is not a LoRA checkpoint: expected a"):
+        pipe.load_lora_weights(tmp_path / "notes.txt")
 
 
 def test_cli_lora_equals_the_fused_pipeline(pipe, sd_dir, tmp_path, capsys):

@@ -115,6 +115,28 @@ def test_extract_ema_and_errors(sd_dir, tmp_path):
         StableDiffusionPipeline.from_single_file(tmp_path / "model.ckpt", config=sd_dir)
     with pytest.raises(FileNotFoundError, match="neither a local checkpoint file"):
         StableDiffusionPipeline.from_single_file(tmp_path / "missing.safetensors", config=sd_dir)
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    for path in (tmp_path / "image.png", sd_dir / "unet" / "config.json"):
+        with pytest.raises(ValueError, match="is not a model checkpoint: from_single_file reads"):
+            StableDiffusionPipeline.from_single_file(path, config=sd_dir)
+
+
+def test_cli_model_file_that_is_not_a_checkpoint(sd_dir, tmp_path, capsys):
+    from jaxdiff.cli import main as cli_main
+
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "model.ckpt").write_bytes(b"not read")
+    base = ["generate", "a cat", "--out", str(tmp_path / "o.png"), "--no-progress"]
+    for model, what in [
+        (tmp_path / "image.png", "is not a model checkpoint"),
+        (sd_dir / "unet" / "config.json", "is not a model checkpoint"),
+        (tmp_path / "model.ckpt", "is a pickled checkpoint"),
+    ]:
+        assert cli_main([*base, "--model", str(model)]) == 2
+        err = capsys.readouterr().err
+        assert f"--model {model} {what}" in err
+        assert "a pipeline folder in diffusers layout" in err and "Hub repo id" in err
+        assert ".safetensors checkpoint" in err and "allow_pickle=True" in err
 
 
 def test_cli_generates_from_a_single_file(sd_dir, ckpt_path, tmp_path, capsys):
