@@ -64,6 +64,7 @@ from jaxdiff.schedulers.common import (
     check_num_inference_steps,
     check_step_index,
     check_step_inputs,
+    check_timestep_range,
     count_steps,
     resolve_noise,
     schedule_index,
@@ -286,6 +287,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             sig = np.flip(flow_shift * s / (1 + (flow_shift - 1) * s))[:-1].copy()
             t = (sig * c.num_train_timesteps).copy()
         else:
+            check_timestep_range(t, c.num_train_timesteps, c.steps_offset)  # interp would clamp
             sig = np.interp(t, np.arange(0, len(train_sigmas)), train_sigmas)
         sigma_last = train_sigmas[0] if c.final_sigmas_type == "sigma_min" else 0.0
         sig = np.concatenate([sig, [sigma_last]]).astype(np.float32)

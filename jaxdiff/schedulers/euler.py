@@ -64,6 +64,7 @@ from jaxdiff.schedulers.common import (
     check_step_index,
     check_step_inputs,
     check_step_option,
+    check_timestep_range,
     count_steps,
     make_betas,
     rescale_zero_terminal_snr,
@@ -180,7 +181,9 @@ def float_spaced_timesteps(config: Any, n: int) -> np.ndarray:
     if spacing == "leading":
         step_ratio = T // n
         t = (np.arange(0, n) * step_ratio).round()[::-1].copy().astype(np.float32)
-        return t + np.float32(config.steps_offset)
+        t = t + np.float32(config.steps_offset)
+        check_timestep_range(t, T, config.steps_offset)  # σ(t) would be clamped silently
+        return t
     if spacing == "trailing":
         step_ratio = T / n
         t = np.arange(T, 0, -step_ratio).round().copy().astype(np.float32)

@@ -372,6 +372,9 @@ def test_betas_outside_0_1_and_negative_offsets_are_named(name):
             cls(**kw)
     with pytest.raises(ValueError, match=r"trained_betas must give betas in \[0, 1\)"):
         cls(trained_betas=[2.0] * 1000)
-    if name in ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler"):
+    if name != "DPMSolverMultistepScheduler":  # its "leading" timesteps never reach t = 0
         with pytest.raises(ValueError, match="steps_offset=-1 pushes timestep -1 below 0"):
             cls(steps_offset=-1, timestep_spacing="leading").set_timesteps(4)
+    with pytest.raises(ValueError, match=r"steps_offset=2000 pushes timestep \d+ past num_train"):
+        cls(steps_offset=2000, timestep_spacing="leading").set_timesteps(4)
+    cls(steps_offset=1, timestep_spacing="leading").set_timesteps(4)  # Stable Diffusion's
