@@ -124,16 +124,26 @@ def images_to_array(image: Any, name: str = "image") -> np.ndarray:
 
 
 def mask_to_array(mask: Any) -> np.ndarray:
-    """PIL mask(s) or an array ((H, W), (B, H, W) or (B, H, W, 1)) -> float32 (B, H, W, 1) of
-    0/1 (1 = repaint), binarised at 0.5 as diffusers' mask processor."""
+    """PIL mask(s) or an array ((H, W), (H, W, 1), (B, H, W) or (B, H, W, 1)) -> float32
+    (B, H, W, 1) of 0/1 (1 = repaint), binarised at 0.5 as diffusers' mask processor."""
     if isinstance(mask, Image.Image):
         mask = [mask]
     if isinstance(mask, (list, tuple)) and mask and isinstance(mask[0], Image.Image):
         arr = np.stack([np.asarray(m.convert("L"), np.float32) / 255.0 for m in mask])
     else:
         arr = float_array(mask, "mask_image", "PIL mask(s) or an array (B, H, W) in [0, 1]")
+        if arr.ndim in (3, 4) and arr.shape[-1] in (3, 4):
+            # diffusers' mask processor does not convert array masks to grayscale either: it
+            # would read an (H, W, 3) array as H masks of W = 3 pixels
+            raise ValueError(
+                f"mask_image has shape {arr.shape}, which looks like an RGB(A) image: array "
+                "masks are single-channel, (H, W), (H, W, 1), (B, H, W) or (B, H, W, 1) in "
+                "[0, 1] (e.g. mask[..., 0]); PIL masks are converted to grayscale"
+            )
         if arr.ndim == 4 and arr.shape[-1] == 1:
             arr = arr[..., 0]
+        elif arr.ndim == 3 and arr.shape[-1] == 1:  # (H, W, 1), as diffusers reads it
+            arr = arr[None, ..., 0]
         if arr.ndim == 2:
             arr = arr[None]
         if arr.ndim != 3:

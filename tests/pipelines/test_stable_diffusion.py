@@ -743,6 +743,18 @@ def test_bad_scalars_and_arrays_fail_before_compiling(pipe):
         inp("a", image=image, mask_image=np.full((64, 64), np.nan), **kw)
     with pytest.raises(TypeError, match="mask_image must be PIL mask.* got str"):
         inp("a", image=image, mask_image="mask.png", **kw)
+    for shape in ((64, 64, 3), (1, 64, 64, 3), (64, 64, 4)):
+        with pytest.raises(
+            ValueError,
+            match=r"looks like an RGB\(A\) image: array masks are single-channel, \(H, W\), "
+            r"\(H, W, 1\), \(B, H, W\) or \(B, H, W, 1\)",
+        ):
+            inp("a", image=image, mask_image=np.ones(shape, np.float32), **kw)
+    # (H, W, 1) is one mask, as diffusers' mask processor reads it
+    from jaxdiff.pipelines.stable_diffusion import mask_to_array
+
+    hw1 = np.random.default_rng(0).random((64, 48, 1)).astype(np.float32)
+    np.testing.assert_array_equal(mask_to_array(hw1), mask_to_array(hw1[..., 0]))
 
 
 def test_components_must_have_the_right_kind(pipe, sd_dir):
