@@ -629,10 +629,10 @@ class StableDiffusionPipeline(
             )
         if clip_skip is not None and not (
             isinstance(clip_skip, int)
-            and 0 <= clip_skip < self.text_encoder.config.num_hidden_layers
-        ):
+            and 0 <= clip_skip <= self.text_encoder.config.num_hidden_layers
+        ):  # as diffusers: clip_skip = num_hidden_layers takes the embeddings' output
             raise ValueError(
-                f"clip_skip must be an int in [0, {self.text_encoder.config.num_hidden_layers})"
+                f"clip_skip must be an int in [0, {self.text_encoder.config.num_hidden_layers}]"
                 f", got {clip_skip!r}"
             )
         do_cfg = guidance_scale > 1.0

@@ -171,6 +171,30 @@ def test_prompt_embeds_equal_prompts(pipe):
 
 
 @pytest.mark.parity
+def test_clip_skip_of_every_layer_matches_diffusers(pipe, sd_dir):
+    """diffusers' clip_skip takes hidden_states[-(clip_skip + 1)], then the final layer norm,
+    for clip_skip up to num_hidden_layers (the embeddings' output); jaxdiff rejected the last."""
+    torch = pytest.importorskip("torch")
+    from tests.pipelines.sd_helpers import diffusers_sd_pipe
+
+    te = diffusers_sd_pipe(sd_dir).text_encoder
+    layers = pipe.text_encoder.config.num_hidden_layers
+    ids = pipe.tokenizer(["a cat", ""], padding="max_length", max_length=77).input_ids
+    with torch.no_grad():
+        ref_ids = torch.tensor(ids)
+        states = te(ref_ids, output_hidden_states=True).hidden_states
+        cond = te.final_layer_norm(states[-(layers + 1)][:1]).numpy()
+        uncond = te(ref_ids[1:]).last_hidden_state.numpy()  # the negative: without clip_skip
+    pipe.scheduler = _scheduler(pipe, "ddim")
+    kw = dict(num_inference_steps=2, output_type="np", progress=False, seed=0)
+    got = pipe("a cat", clip_skip=layers, **kw).images
+    want = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, **kw).images
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match=rf"clip_skip must be an int in \[0, {layers}\]"):
+        pipe("a cat", clip_skip=layers + 1, **kw)
+
+
+@pytest.mark.parity
 def test_prompt_embeds_mixed_with_text_match_diffusers(pipe, sd_dir):
     """prompt_embeds + negative_prompt and prompt + negative_prompt_embeds, which diffusers'
     encode_prompt accepts (jaxdiff used to reject them): the text side is encoded as diffusers
