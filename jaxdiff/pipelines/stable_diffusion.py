@@ -495,7 +495,56 @@ class StableDiffusionPipeline(
         return run
 
     # ------------------------------------------------------------------ shared call
-    def _prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg):
+    def _embed_text_side(
+        self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg, clip_skip,
+        lora_scale,
+    ):  # fmt: skip
+        """diffusers' ``encode_prompt`` where text meets precomputed states: under guidance,
+        ``prompt_embeds`` with a negative prompt (or none: ``""``) and a prompt with
+        ``negative_prompt_embeds`` have their text side encoded here (the prompt with
+        ``clip_skip``, the negative to ``prompt_embeds``' length without it, loaded
+        text-encoder LoRAs included); without guidance the negative side is ignored.
+        -> the four arguments for :meth:`_prompts`."""
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+        if prompt_embeds is not None and negative_prompt_embeds is None:
+            if not do_cfg:
+                return prompt, None, prompt_embeds, None
+            shape = np.shape(prompt_embeds)
+            if prompt is not None or len(shape) != 3 or 0 in shape:
+                return prompt, negative_prompt, prompt_embeds, None  # _prompts reports it
+            negatives = self._negative_list(negative_prompt, shape[0])
+            neg = self._encode_on_host(negatives, shape[1], None, lora_scale)
+            return None, None, prompt_embeds, neg
+        if prompt is not None and prompt_embeds is None and negative_prompt_embeds is not None:
+            if not do_cfg:
+                return prompt, None, None, None
+            emb = self._encode_on_host(_prompt_list(prompt, "prompt"), None, clip_skip, lora_scale)
+            return None, None, emb, negative_prompt_embeds
+        return prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
+
+    def _encode_on_host(self, texts, max_length, clip_skip, lora_scale) -> np.ndarray:
+        """Text -> float32 encoder states outside the compiled program, as inside it."""
+        ids = tokenize(self.tokenizer, self.maybe_convert_prompt(texts), max_length)
+        te = self._lora_params(("text_encoder",), lora_scale)["text_encoder"]
+        return np.asarray(self._encode_text(te, jnp.asarray(ids), clip_skip), np.float32)
+
+    @staticmethod
+    def _negative_list(negative_prompt, n: int) -> list[str]:
+        """One negative prompt per prompt: ``None`` -> ``""``, a string for all, or a list."""
+        if negative_prompt is None:
+            return [""] * n
+        if isinstance(negative_prompt, str):
+            return [negative_prompt] * n
+        negatives = _prompt_list(negative_prompt, "negative_prompt")
+        if len(negatives) != n:
+            raise ValueError(
+                f"negative_prompt has {len(negatives)} entries for {n} prompts: "
+                "give one per prompt, a single string, or None"
+            )
+        return negatives
+
+    def _prompts(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
         """-> (batch size, arrays for the program); validates the prompt arguments."""
         arrays: dict[str, np.ndarray] = {}
         if prompt_embeds is not None:
@@ -509,12 +558,9 @@ class StableDiffusionPipeline(
                     f"prompt_embeds must have shape (batch, seq, {width}) with batch, seq >= 1, "
                     f"got {emb.shape}"
                 )
-            if negative_prompt is not None:
-                raise ValueError("with prompt_embeds, pass negative_prompt_embeds, not text")
-            if negative_prompt_embeds is None and not do_cfg:
+            if negative_prompt_embeds is None:
+                # without guidance (under it, _embed_text_side has encoded the negative side)
                 neg = np.zeros_like(emb)  # the program reads it only under guidance
-            elif negative_prompt_embeds is None:
-                neg = np.asarray(self._encode_uncond(emb.shape[0], emb.shape[1]), np.float32)
             else:
                 neg = float_array(negative_prompt_embeds, "negative_prompt_embeds", expected)
             if neg.shape != emb.shape:
@@ -529,17 +575,7 @@ class StableDiffusionPipeline(
         if negative_prompt_embeds is not None:
             raise ValueError("negative_prompt_embeds needs prompt_embeds")
         prompts = _prompt_list(prompt, "prompt")
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        elif isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * len(prompts)
-        else:
-            negatives = _prompt_list(negative_prompt, "negative_prompt")
-            if len(negatives) != len(prompts):
-                raise ValueError(
-                    f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts: "
-                    "give one per prompt, a single string, or None"
-                )
+        negatives = self._negative_list(negative_prompt, len(prompts))
         prompts, negatives = (
             self.maybe_convert_prompt(prompts),
             self.maybe_convert_prompt(negatives),
@@ -547,12 +583,6 @@ class StableDiffusionPipeline(
         arrays["ids"] = tokenize(self.tokenizer, prompts)
         arrays["negative_ids"] = tokenize(self.tokenizer, negatives, arrays["ids"].shape[1])
         return len(prompts), arrays
-
-    def _encode_uncond(self, batch: int, seq: int) -> jax.Array:
-        ids = tokenize(self.tokenizer, [""] * batch, seq)
-        return self.text_encoder.apply(
-            {"params": self.params["text_encoder"]}, ids
-        ).last_hidden_state
 
     def _run(
         self,
@@ -607,15 +637,24 @@ class StableDiffusionPipeline(
         if clip_skip is not None and not (
             isinstance(clip_skip, int)
             and not isinstance(clip_skip, bool)
-            and 0 <= clip_skip < self.text_encoder.config.num_hidden_layers
-        ):
+            and 0 <= clip_skip <= self.text_encoder.config.num_hidden_layers
+        ):  # as diffusers: clip_skip = num_hidden_layers takes the embeddings' output
             raise ValueError(
-                f"clip_skip must be an int in [0, {self.text_encoder.config.num_hidden_layers})"
+                f"clip_skip must be an int in [0, {self.text_encoder.config.num_hidden_layers}]"
                 f", got {clip_skip!r}"
             )
         do_cfg = guidance_scale > 1.0
+        prompt, negative_prompt, prompt_embeds, negative_prompt_embeds = self._embed_text_side(
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            do_cfg,
+            clip_skip,
+            _lora_scale(cross_attention_kwargs),
+        )
         n_prompts, arrays = self._prompts(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, do_cfg
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
         )
         vsf = self.vae_scale_factor
         if image is not None:
@@ -859,7 +898,9 @@ class StableDiffusionPipeline(
             output_type: ``"pil"``, ``"np"`` (float (B, H, W, 3) in [0, 1]) or ``"latent"``.
             progress: a progress bar driven from inside the compiled loop.
             prompt_embeds, negative_prompt_embeds: precomputed text-encoder states
-                ``(batch, seq, cross_attention_dim)``.
+                ``(batch, seq, cross_attention_dim)``; either may go with text on the other
+                side (``prompt_embeds`` + ``negative_prompt``, ``prompt`` +
+                ``negative_prompt_embeds``), as diffusers.
             clip_skip: use the text encoder's hidden state ``clip_skip`` layers before the last
                 (then its final layer norm), as diffusers.
             guidance_rescale: :math:`\\phi` of *Lin et al. (2024)*, Sec. 3.4: rescales the

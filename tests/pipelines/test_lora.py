@@ -286,6 +286,29 @@ def test_fuse_unfuse_unload_and_disable(pipe):
     assert np.abs(half - plain).max() > 1e-4 and np.abs(half - live).max() > 1e-4
 
 
+def test_text_encoder_lora_reaches_the_text_encoded_beside_prompt_embeds(pipe):
+    """With prompt_embeds under guidance, the negative side ("" by default) is encoded by the
+    text encoder with its LoRA, as diffusers' encode_prompt (it was encoded without it)."""
+    from jaxdiff.utils.tokenizer import tokenize
+
+    pipe.load_lora_weights(_synthetic_lora(pipe, np.random.default_rng(7))[0])
+    te = pipe._lora_params(("text_encoder",), 0.5)["text_encoder"]
+
+    def embed(text):
+        ids = jnp.asarray(tokenize(pipe.tokenizer, [text]))
+        return np.asarray(pipe.text_encoder.apply({"params": te}, ids).last_hidden_state)
+
+    kw = dict(num_inference_steps=2, output_type="np", progress=False, seed=0)
+    kw["cross_attention_kwargs"] = {"scale": 0.5}
+    want = pipe("a cat", **kw).images
+    np.testing.assert_allclose(pipe(prompt_embeds=embed("a cat"), **kw).images, want, atol=1e-5)
+    got = pipe("a cat", negative_prompt_embeds=embed(""), **kw).images
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    want = pipe("a cat", negative_prompt="ugly", **kw).images
+    got = pipe(prompt_embeds=embed("a cat"), negative_prompt="ugly", **kw).images
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_new_scale_weights_and_adapters_do_not_recompile(pipe):
     pipe._jit_cache.clear()
     kw = dict(num_inference_steps=2, output_type="np", progress=False, seed=0)

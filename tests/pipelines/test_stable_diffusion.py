@@ -170,6 +170,63 @@ def test_prompt_embeds_equal_prompts(pipe):
     np.testing.assert_array_equal(images, by_text)
 
 
+@pytest.mark.parity
+def test_clip_skip_of_every_layer_matches_diffusers(pipe, sd_dir):
+    """diffusers' clip_skip takes hidden_states[-(clip_skip + 1)], then the final layer norm,
+    for clip_skip up to num_hidden_layers (the embeddings' output); jaxdiff rejected the last."""
+    torch = pytest.importorskip("torch")
+    from tests.pipelines.sd_helpers import diffusers_sd_pipe
+
+    te = diffusers_sd_pipe(sd_dir).text_encoder
+    layers = pipe.text_encoder.config.num_hidden_layers
+    ids = pipe.tokenizer(["a cat", ""], padding="max_length", max_length=77).input_ids
+    with torch.no_grad():
+        ref_ids = torch.tensor(ids)
+        states = te(ref_ids, output_hidden_states=True).hidden_states
+        cond = te.final_layer_norm(states[-(layers + 1)][:1]).numpy()
+        uncond = te(ref_ids[1:]).last_hidden_state.numpy()  # the negative: without clip_skip
+    pipe.scheduler = _scheduler(pipe, "ddim")
+    kw = dict(num_inference_steps=2, output_type="np", progress=False, seed=0)
+    got = pipe("a cat", clip_skip=layers, **kw).images
+    want = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, **kw).images
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match=rf"clip_skip must be an int in \[0, {layers}\]"):
+        pipe("a cat", clip_skip=layers + 1, **kw)
+
+
+@pytest.mark.parity
+def test_prompt_embeds_mixed_with_text_match_diffusers(pipe, sd_dir):
+    """prompt_embeds + negative_prompt and prompt + negative_prompt_embeds, which diffusers'
+    encode_prompt accepts (jaxdiff used to reject them): the text side is encoded as diffusers
+    does (the prompt with clip_skip, the negative without); without guidance it is ignored."""
+    torch = pytest.importorskip("torch")
+    from tests.pipelines.sd_helpers import diffusers_sd_pipe
+
+    ref = diffusers_sd_pipe(sd_dir)
+    with torch.no_grad():
+        cond = ref.encode_prompt(["a cat", "a dog"], "cpu", 1, False)[0]
+        neg = ref.encode_prompt(["blurry", "ugly"], "cpu", 1, False)[0]
+    latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t_latents = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
+    pipe.scheduler = _scheduler(pipe, "ddim")
+    kw = dict(num_inference_steps=2, output_type="np")
+    cases = [  # (diffusers' arguments, guidance_scale)
+        (dict(prompt_embeds=cond, negative_prompt=["blurry", "ugly"]), 7.5),
+        (dict(prompt_embeds=cond), 7.5),
+        (dict(prompt=["a cat", "a dog"], negative_prompt_embeds=neg), 7.5),
+        (dict(prompt_embeds=cond, negative_prompt=["blurry", "ugly"]), 1.0),
+        (dict(prompt=["a cat", "a dog"], negative_prompt_embeds=neg), 1.0),
+    ]
+    for args, g in cases:
+        with torch.no_grad():
+            want = ref(**args, guidance_scale=g, latents=t_latents, **kw).images
+        args = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        got = pipe(**args, guidance_scale=g, latents=latents, seed=0, progress=False, **kw)
+        _assert_matches(got.images, want)
+    with pytest.raises(ValueError, match="negative_prompt or negative_prompt_embeds, not both"):
+        pipe("a cat", negative_prompt="x", negative_prompt_embeds=neg.numpy()[:1], **kw)
+
+
 @pytest.mark.parametrize("case", ["img2img_ddim", "img2img_euler", "img2img_euler_timesteps"])
 def test_img2img_matches_diffusers(sd_dir, pipe, case):
     arrays, meta = load_case(COMPONENT, case)
