@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxdiff import __diffusers_version__ as _DIFFUSERS_VERSION
 from jaxdiff import hub
+from jaxdiff.utils.checks import is_real
 
 CONFIG_NAME = "config.json"
 # diffusers' in-memory record of the fields that took their default value (not given by the
@@ -329,7 +330,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+    return is_real(v) and math.isfinite(float(v))
 
 
 def _is_seq(v: Any, item: Callable[[Any], bool], min_len: int = 1, max_len: int = 10**9) -> bool:

@@ -31,7 +31,7 @@ from jaxdiff.loaders.lora import (
     read_lora_file,
 )
 from jaxdiff.models.modeling_utils import cast_floating
-from jaxdiff.pipelines.pipeline_utils import is_real
+from jaxdiff.utils.checks import is_real
 
 
 class StableDiffusionLoraLoaderMixin:

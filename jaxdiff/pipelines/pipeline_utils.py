@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
-import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -119,29 +117,6 @@ def pipeline_result(output: ImagePipelineOutput, return_dict: bool, *extra: Any)
     """What a pipeline returns: ``output``, or as diffusers with ``return_dict=False`` the tuple
     ``(images, *extra)`` (Stable Diffusion's ``(images, nsfw_content_detected)``, here None)."""
     return output if return_dict else (output.images, *extra)
-
-
-def is_real(value: Any) -> bool:
-    """A real number (Python or numpy scalar), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
-def check_real(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
-    """``value`` as a float if it is a finite real number in ``[low, high]``; else raises
-    naming ``name`` (TypeError for a non-number, ValueError for NaN, inf or out of range)."""
-    if not is_real(value):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    bounds = (
-        f"in [{low}, {high}]"
-        if low is not None and high is not None
-        else f">= {low}"
-        if low is not None
-        else "finite"
-    )
-    v = float(value)
-    if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
-        raise ValueError(f"{name} must be {bounds} (a finite number), got {value!r}")
-    return v
 
 
 def float_array(value: Any, name: str, expected: str) -> np.ndarray:

@@ -49,15 +49,14 @@ from jaxdiff.loaders.textual_inversion import TextualInversionLoaderMixin
 from jaxdiff.pipelines.pipeline_utils import (
     DiffusionPipeline,
     ImagePipelineOutput,
-    check_real,
     float_array,
-    is_real,
     pipeline_result,
     to_output,
 )
 from jaxdiff.pipelines.unconditional import resolve_key
 from jaxdiff.schedulers.common import count_steps
 from jaxdiff.utils import mask_crop
+from jaxdiff.utils.checks import check_real, is_real
 from jaxdiff.utils.tokenizer import tokenize
 from jaxdiff.utils.xla import compiler_options
 

@@ -22,10 +22,10 @@ from jaxdiff import sampling
 from jaxdiff.pipelines.pipeline_utils import (
     DiffusionPipeline,
     ImagePipelineOutput,
-    check_real,
     pipeline_result,
     to_output,
 )
+from jaxdiff.utils.checks import check_real
 from jaxdiff.utils.xla import compiler_options
 
 

@@ -18,7 +18,6 @@ state as fp32 whatever the model's dtype.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 from flax import struct
 
 from jaxdiff.configuration import ConfigMixin
-from jaxdiff.utils.checks import check_key, host_value
+from jaxdiff.utils.checks import check_key, check_real, host_value
 
 # diffusers' KarrasDiffusionSchedulers: every one of these can be built from another's config.
 KARRAS_DIFFUSION_SCHEDULERS = (
@@ -269,10 +268,7 @@ def check_step_option(name: str, value: Any, low: float = 0.0) -> None:
         return
     if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
         value = np.asarray(value).item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and value >= low):
-        raise ValueError(f"{name} must be a finite number >= {low}, got {value!r}")
+    check_real(name, value, low=low)
 
 
 def check_sample(sample: jax.Array, name: str = "sample") -> None:

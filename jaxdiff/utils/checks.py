@@ -7,11 +7,36 @@ compiled code is unchanged.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def is_real(value: Any) -> bool:
+    """A real number (Python or numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def check_real(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
+    """``value`` as a float if it is a finite real number in ``[low, high]``; else raises
+    naming ``name`` (TypeError for a non-number, ValueError for NaN, inf or out of range)."""
+    if not is_real(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    bounds = (
+        f"in [{low}, {high}]"
+        if low is not None and high is not None
+        else f">= {low}"
+        if low is not None
+        else "finite"
+    )
+    v = float(value)
+    if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+        raise ValueError(f"{name} must be {bounds} (a finite number), got {value!r}")
+    return v
 
 
 def host_value(x: Any) -> np.ndarray | None:

@@ -142,17 +142,17 @@ def test_spaced_timesteps_match_diffusers(spacing):
         )
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "DDPMScheduler",
-        "DDIMScheduler",
-        "PNDMScheduler",
-        "EulerDiscreteScheduler",
-        "EulerAncestralDiscreteScheduler",
-        "DPMSolverMultistepScheduler",
-    ],
-)
+ALL_SCHEDULERS = [
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+]
+
+
+@pytest.mark.parametrize("name", ALL_SCHEDULERS)
 def test_wrong_shapes_are_named(name):
     from jaxdiff import schedulers
 
@@ -270,16 +270,6 @@ def test_add_noise_state_is_optional_for_alpha_bar_schedulers(name):
     np.testing.assert_array_equal(sched.add_noise_at_step(state, x0, eps, 2), plain)
 
 
-ALL_SCHEDULERS = [
-    "DDPMScheduler",
-    "DDIMScheduler",
-    "PNDMScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-]
-
-
 @pytest.mark.parametrize("name", ALL_SCHEDULERS)
 def test_bad_step_and_forward_inputs_are_named(name):
     """Host-known bad values raise instead of being clamped by XLA into a wrong (or NaN) x."""
@@ -325,13 +315,13 @@ def test_bad_step_options_are_named():
     ddim = DDIMScheduler()
     state = ddim.set_timesteps(5)
     for eta in (float("nan"), -1.0):
-        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+        with pytest.raises(ValueError, match="eta must be >= 0"):
             ddim.step(state, x, state.timesteps[0], x, key=jax.random.key(0), eta=eta)
     with pytest.raises(TypeError, match="eta must be a number"):
         ddim.step(state, x, state.timesteps[0], x, eta="a")
     euler = EulerDiscreteScheduler()
     state = euler.set_timesteps(5)
-    with pytest.raises(ValueError, match="s_churn must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="s_churn must be >= 0"):
         euler.step(state, x, state.timesteps[0], x, key=jax.random.key(0), s_churn=float("nan"))
 
 
