@@ -15,7 +15,6 @@ factors and keeps the fused weights, as in diffusers.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,7 +30,7 @@ from jaxdiff.loaders.lora import (
     read_lora_file,
 )
 from jaxdiff.models.modeling_utils import cast_floating
-from jaxdiff.utils.checks import is_real
+from jaxdiff.utils.checks import check_real, is_real
 
 
 class StableDiffusionLoraLoaderMixin:
@@ -280,11 +279,9 @@ class StableDiffusionLoraLoaderMixin:
         """The params of ``names`` with the active, unfused adapters merged in (cached for
         the last ``lora_scale``)."""
         state = self._lora_state()
-        if lora_scale is not None and not is_real(lora_scale):
-            raise TypeError(f"cross_attention_kwargs['scale'] must be a number, got {lora_scale!r}")
-        if lora_scale is not None and not math.isfinite(lora_scale):
-            raise ValueError(f"cross_attention_kwargs['scale'] must be finite, got {lora_scale!r}")
-        scale = 1.0 if lora_scale is None else float(lora_scale)
+        scale = (
+            1.0 if lora_scale is None else check_real("cross_attention_kwargs['scale']", lora_scale)
+        )
         live = [n for n in state["active"] if n not in state["fused"]] if state["enabled"] else []
         params = {n: self.params[n] for n in names}
         if not live:

@@ -31,7 +31,7 @@ from jaxdiff.models.unet_2d_blocks import (
     get_down_block,
     get_up_block,
 )
-from jaxdiff.utils.checks import host_value
+from jaxdiff.utils.checks import host_numbers
 
 Array = jax.Array
 
@@ -99,16 +99,12 @@ def check_unet_timesteps(timesteps: Any) -> Array:
         TypeError: when ``timesteps`` is missing or not numeric.
         ValueError: when a host-known timestep is NaN or infinite (the output would be NaN).
     """
-    if timesteps is None or isinstance(timesteps, (str, bytes)):
-        raise TypeError(f"timesteps must be a number or a (batch,) array, got {timesteps!r}")
-    t = host_value(timesteps)
-    if t is not None:
-        if not np.issubdtype(t.dtype, np.number) or np.issubdtype(t.dtype, np.complexfloating):
-            raise TypeError(
-                f"timesteps must be a number or a (batch,) array of numbers, got {timesteps!r}"
-            )
-        if not np.isfinite(t).all():
-            raise ValueError(f"timesteps must be finite, got {t.tolist()}")
+    expected = "a number or a (batch,) array of numbers"
+    if timesteps is None:
+        raise TypeError(f"timesteps must be {expected}, got None")
+    t = host_numbers(timesteps, "timesteps", expected)
+    if t is not None and not np.isfinite(t).all():
+        raise ValueError(f"timesteps must be finite, got {t.tolist()}")
     return jnp.asarray(timesteps)
 
 

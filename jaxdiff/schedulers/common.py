@@ -26,7 +26,7 @@ import numpy as np
 from flax import struct
 
 from jaxdiff.configuration import ConfigMixin
-from jaxdiff.utils.checks import check_key, check_real, host_value
+from jaxdiff.utils.checks import check_key, check_real, host_numbers, host_value
 
 # diffusers' KarrasDiffusionSchedulers: every one of these can be built from another's config.
 KARRAS_DIFFUSION_SCHEDULERS = (
@@ -234,13 +234,9 @@ def check_custom_sigmas(sigmas: Any) -> np.ndarray:
 def check_timestep(timestep: Any, num_train_timesteps: int, name: str = "timestep") -> None:
     """Raises when a host-known ``timestep`` is not a number in [0, num_train_timesteps)
     (an index past ᾱ's table would be clamped silently by XLA). Traced values are not checked."""
-    if isinstance(timestep, (str, bytes)):
-        raise TypeError(f"{name} must be an integer timestep, got {timestep!r}")
-    t = host_value(timestep)
+    t = host_numbers(timestep, name, "an integer timestep")
     if t is None:
         return
-    if not np.issubdtype(t.dtype, np.number) or np.issubdtype(t.dtype, np.complexfloating):
-        raise TypeError(f"{name} must be an integer timestep, got {timestep!r}")
     if t.size and not (np.isfinite(t).all() and t.min() >= 0 and t.max() < num_train_timesteps):
         raise ValueError(
             f"{name} must lie in [0, num_train_timesteps={num_train_timesteps}), got {t.tolist()}"

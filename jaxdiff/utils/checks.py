@@ -47,6 +47,24 @@ def host_value(x: Any) -> np.ndarray | None:
     return np.asarray(x)
 
 
+def host_numbers(x: Any, name: str, expected: str) -> np.ndarray | None:
+    """``x`` as a numpy array of real numbers when its value is known on the host; None when
+    it is traced (or None).
+
+    Raises:
+        TypeError: for a string, or a host-known value that is not real numbers (naming
+            ``name`` and what was ``expected``).
+    """
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{name} must be {expected}, got {x!r}")
+    t = host_value(x)
+    if t is not None and (
+        not np.issubdtype(t.dtype, np.number) or np.issubdtype(t.dtype, np.complexfloating)
+    ):
+        raise TypeError(f"{name} must be {expected}, got {x!r}")
+    return t
+
+
 def check_key(key: Any, who: str) -> None:
     """Raises unless ``key`` is a PRNG key: ``jax.random.key(seed)`` or a legacy
     ``jax.random.PRNGKey(seed)`` (uint32)."""
