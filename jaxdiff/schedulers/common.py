@@ -243,6 +243,29 @@ def check_timestep(timestep: Any, num_train_timesteps: int, name: str = "timeste
         )
 
 
+def check_scheduled_timestep(timestep: Any, timesteps: Any, who: str) -> None:
+    """Raises when a host-known ``timestep`` is not one of a host-known schedule's
+    ``timesteps`` (diffusers' ``previous_timestep`` finds no index there and raises
+    IndexError; a lookup by value would silently take the schedule's second step).
+    Traced values are not checked."""
+    t = host_value(timestep)
+    steps = host_value(timesteps)
+    if t is None or steps is None:
+        return
+    missing = sorted({int(v) for v in np.ravel(t)} - {int(v) for v in np.ravel(steps)})
+    if missing:
+        shown = (
+            steps.tolist()
+            if steps.size <= 12
+            else f"{steps[:6].tolist()} ... {steps[-3:].tolist()}"
+        )
+        raise ValueError(
+            f"{who}.step: timestep {missing[0]} is not in the state's schedule "
+            f"({steps.size} timesteps: {shown}); step at the timesteps of the state that "
+            "set_timesteps returned"
+        )
+
+
 def check_step_index(state: Any, who: str) -> None:
     """Raises when a host-known ``state.step_index`` is past the schedule's last step (the
     σ lookup would read past its end and give NaN). Traced states are not checked."""

@@ -51,6 +51,7 @@ from jaxdiff.schedulers.common import (
     check_choice,
     check_custom_timesteps,
     check_num_inference_steps,
+    check_scheduled_timestep,
     check_step_inputs,
     check_timestep,
     linspace_f32,
@@ -231,6 +232,7 @@ class DDPMScheduler(SchedulerMixin):
         model_output = model_output.astype(jnp.float32)
         if timestep is None:
             timestep = state.timesteps[state.step_index]
+        check_scheduled_timestep(timestep, state.timesteps, type(self).__name__)
         t = jnp.asarray(timestep, jnp.int32)
         prev_t = self.previous_timestep(state, t)
 

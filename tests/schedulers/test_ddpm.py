@@ -180,7 +180,7 @@ def test_fixed_large_log_equals_fixed_large():
     for vt in ("fixed_large", "fixed_large_log"):
         sched = DDPMScheduler(variance_type=vt)
         state = sched.set_timesteps(10)
-        outs.append(np.asarray(sched.step(state, 0.3 * x, 901, x, jax.random.key(0)).prev_sample))
+        outs.append(np.asarray(sched.step(state, 0.3 * x, 900, x, jax.random.key(0)).prev_sample))
     np.testing.assert_array_equal(outs[0], outs[1])
     assert np.isfinite(outs[1]).all()
 
@@ -192,8 +192,8 @@ def test_learned_variance_needs_twice_the_channels():
     with pytest.raises(
         ValueError, match=r"needs model_output with 2 x 3 channels on the last axis"
     ):
-        sched.step(state, x, 901, x, jax.random.key(0))
-    out = sched.step(state, jnp.concatenate([x, 0 * x], -1), 901, x, jax.random.key(0))
+        sched.step(state, x, 900, x, jax.random.key(0))
+    out = sched.step(state, jnp.concatenate([x, 0 * x], -1), 900, x, jax.random.key(0))
     assert out.prev_sample.shape == x.shape
 
 
@@ -202,7 +202,31 @@ def test_stochastic_step_needs_a_key():
     state = sched.set_timesteps(10)
     x = jnp.ones((1, 2, 2, 3))
     with pytest.raises(ValueError, match="DDPMScheduler.step is stochastic and needs a PRNG key"):
-        sched.step(state, x, 901, x)
+        sched.step(state, x, 900, x)
+
+
+def test_step_at_a_timestep_outside_the_schedule_raises():
+    # diffusers' previous_timestep finds no index for 901 and raises IndexError; a lookup by
+    # value would silently continue from the schedule's second timestep.
+    sched = DDPMScheduler()
+    state = sched.set_timesteps(10)
+    x = jnp.ones((1, 2, 2, 3))
+    with pytest.raises(ValueError, match=r"timestep 901 is not in the state's schedule"):
+        sched.step(state, x, 901, x, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"timestep 5 is not in the state's schedule"):
+        sched.step(state, x, np.int64(5), x, jax.random.key(0))
+    sched.step(state, x, jnp.asarray(900), x, jax.random.key(0))  # a scheduled one is fine
+
+
+def test_step_outside_the_schedule_raises_in_diffusers_too():
+    torch = pytest.importorskip("torch")
+    from diffusers import DDPMScheduler as TorchDDPM
+
+    ref = TorchDDPM()
+    ref.set_timesteps(10)
+    x = torch.ones(1, 3, 2, 2)
+    with pytest.raises(IndexError):
+        ref.step(x, 901, x, generator=torch.Generator().manual_seed(0))
 
 
 def test_step_traces_once_for_different_keys_and_timesteps():
@@ -217,7 +241,7 @@ def test_step_traces_once_for_different_keys_and_timesteps():
         out = sched.step(state, 0.3 * x, t, x, key)
         return out.prev_sample, out.state
 
-    a, s1 = f(state, jax.random.key(0), 901)
+    a, s1 = f(state, jax.random.key(0), 900)
     b, _ = f(state, jax.random.key(1), 801)
     f(s1, jax.random.key(2), 0)
     assert len(traces) == 1
@@ -231,8 +255,8 @@ def test_bf16_model_output_keeps_fp32_arithmetic():
     x = jnp.asarray(initial_sample())
     mo = (0.3 * x).astype(jnp.bfloat16)
     key = jax.random.key(0)
-    out = sched.step(state, mo, 901, x, key)
-    ref = sched.step(state, mo.astype(jnp.float32), 901, x, key)
+    out = sched.step(state, mo, 900, x, key)
+    ref = sched.step(state, mo.astype(jnp.float32), 900, x, key)
     assert out.prev_sample.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(out.prev_sample), np.asarray(ref.prev_sample))
 
