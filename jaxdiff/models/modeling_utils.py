@@ -11,7 +11,7 @@ in a separate params pytree::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -76,6 +76,23 @@ class FlaxModelMixin(ModelConfigMixin):
     def dummy_inputs(self) -> tuple:
         """Positional inputs of the smallest valid call, used to build the params tree."""
         raise NotImplementedError
+
+    def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
+        """Flax's ``Module.apply``, with a clear error when ``variables`` is not
+        ``{"params": params}`` (a common slip: passing the params tree itself, or None)."""
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            name = type(self).__name__
+            hint = ""
+            if isinstance(variables, Mapping) and variables:
+                got = f"a dict with keys {sorted(map(str, variables))[:5]}"
+                hint = " (the params tree itself? pass {'params': params})"
+            else:
+                got = repr(variables)[:80]
+            raise TypeError(
+                f"{name}.apply: variables must be {{'params': params}} with the params of "
+                f"{name}.from_pretrained or init_weights, got {got}{hint}"
+            )
+        return super().apply(variables, *args, **kwargs)
 
     def init_weights(self, key: jax.Array) -> dict:
         """Random params (the module's own initializers)."""

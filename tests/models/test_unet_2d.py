@@ -244,6 +244,16 @@ def test_non_numeric_timesteps_raise(small_model):
             model.apply({"params": shapes}, jnp.zeros((1, 8, 8, 3)), t)
 
 
+def test_apply_without_the_params_collection_raises(small_model):
+    model, shapes = small_model
+    x = jnp.zeros((1, 8, 8, 3))
+    with pytest.raises(TypeError, match=r"the params tree itself\? pass \{'params': params\}"):
+        model.apply(shapes, x, 1)  # Flax: "the collection is empty" deep inside
+    for bad in (None, {}):
+        with pytest.raises(TypeError, match=r"UNet2DModel.apply: variables must be"):
+            model.apply(bad, x, 1)
+
+
 def test_traced_timesteps_are_not_checked(small_model):
     model, shapes = small_model  # a NaN inside jit is the caller's business: no host sync
     out = jax.eval_shape(
