@@ -44,7 +44,11 @@ def make_image_grid(
     Args:
         images: PIL images, or an array (B, H, W, C) in [0, 1].
         rows, cols: the grid; ``len(images)`` must equal ``rows * cols``.
-        resize: optional square size each image is resized to first.
+        resize: optional square size each image is resized to first; without it the images
+            must all have one size.
+
+    The grid keeps the images' mode when they share one (RGB, L for masks, RGBA); mixed
+    modes become RGB (diffusers' grid is always RGB).
     """
     if (
         isinstance(images, np.ndarray)
@@ -81,6 +85,15 @@ def make_image_grid(
         )
     if resize is not None:
         images = [im.resize((resize, resize)) for im in images]
+    sizes = sorted({im.size for im in images})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"make_image_grid: the images have different sizes {sizes[:4]}; pass resize=N to "
+            "resize each to N x N first"
+        )
+    modes = {im.mode for im in images}
+    if len(modes) > 1:  # e.g. masks (L) beside images (RGB): all become RGB, as in diffusers
+        images = [im.convert("RGB") for im in images]
     w, h = images[0].size
     grid = Image.new(images[0].mode, size=(cols * w, rows * h))
     for i, im in enumerate(images):

@@ -41,3 +41,19 @@ def test_grid_matches_diffusers():
 def test_bad_arguments(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         make_image_grid(*args, **kwargs)
+
+
+def test_mixed_sizes_need_resize():
+    ims = _images(1) + _images(1, size=(6, 6))
+    with pytest.raises(ValueError, match=r"different sizes \[\(6, 6\), \(8, 6\)\]; pass resize"):
+        make_image_grid(ims, 1, 2)
+    assert make_image_grid(ims, 1, 2, resize=4).size == (8, 4)
+
+
+def test_grid_mode():
+    masks = [Image.new("L", (4, 4), v) for v in (0, 255)]
+    assert make_image_grid(masks, 1, 2).mode == "L"  # one mode: kept
+    mixed = make_image_grid([Image.new("RGB", (4, 4), (200, 10, 10)), masks[1]], 1, 2)
+    assert mixed.mode == "RGB"  # mixed: RGB, the colour image keeps its colour
+    np.testing.assert_array_equal(np.asarray(mixed)[0, 0], [200, 10, 10])
+    np.testing.assert_array_equal(np.asarray(mixed)[0, 4], [255, 255, 255])
