@@ -14,13 +14,69 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
+# AMD "cpu family" / model ranges of /proc/cpuinfo -> microarchitecture (AMD's processor
+# programming references: family 19h holds Zen 3 and Zen 4, family 1Ah Zen 5).
+_AMD_FAMILY_25_ZEN4_MODELS = (range(0x10, 0x20), range(0x60, 0x80), range(0xA0, 0xB0))
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict[str, str]:
+    """The CPU's vendor, family, model, model name and vector extensions, from
+    ``/proc/cpuinfo`` (Linux; an empty dict elsewhere or when it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    if "vendor_id" not in fields:
+        return {}
+    flags = set(fields.get("flags", "").split())
+    vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return {
+        "vendor": fields["vendor_id"],
+        "family": fields.get("cpu family", "?"),
+        "model": fields.get("model", "?"),
+        "model_name": fields.get("model name", ""),
+        "vector": " ".join(vector),
+    }
+
+
+def cpu_model(info: dict[str, str] | None = None) -> str:
+    """A short CPU name for result files: ``amd-zen4``, ``amd-zen5``, ``intel-f6m143``, ...
+    (the microarchitecture where the family and model say it, else ``<vendor>-f<F>m<M>``);
+    "" when unknown. VMs often report only "AMD EPYC" as the model name, and different
+    generations give different ratios, so the name says which one ran."""
+    info = cpu_info() if info is None else info
+    if not info:
+        return ""
+    vendor = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}.get(info["vendor"], "cpu")
+    try:
+        family, model = int(info["family"]), int(info["model"])
+    except ValueError:
+        return vendor
+    if vendor == "amd" and family == 0x1A:
+        return "amd-zen5"
+    if vendor == "amd" and family == 0x19:
+        zen4 = any(model in r for r in _AMD_FAMILY_25_ZEN4_MODELS)
+        return "amd-zen4" if zen4 else "amd-zen3"
+    return f"{vendor}-f{family}m{model}"
+
+
 def device_name() -> str:
-    """``cpu-<cores>core-<arch>`` or the accelerator's device kind, for result file names."""
+    """``cpu-<cores>core-<arch>-<cpu model>`` (e.g. ``cpu-2core-x86_64-amd-zen5``) or the
+    accelerator's device kind, for result file names."""
     import jax
 
     d = jax.devices()[0]
     if d.platform == "cpu":
-        return f"cpu-{os.cpu_count()}core-{platform.machine()}"
+        name = f"cpu-{os.cpu_count()}core-{platform.machine()}"
+        model = cpu_model()
+        return f"{name}-{model}" if model else name
     return d.device_kind.replace(" ", "-")
 
 
@@ -59,6 +115,12 @@ def library_versions() -> dict[str, str]:
         out["torch_threads"] = str(torch.get_num_threads())
     except ImportError:
         pass
+    info = cpu_info()
+    if info:
+        out["cpu"] = (
+            f"{info['model_name'] or info['vendor']} (family {info['family']}, model "
+            f"{info['model']}; {info['vector'] or 'no AVX2'})"
+        )
     return out
 
 

@@ -431,3 +431,29 @@ def test_other_commands_still_reject_unknown_options(capsys):
         cli.main(["generate", "--bogus"])
     assert exc.value.code == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def _cpuinfo(vendor, family, model, flags="fpu avx2 avx512f"):
+    return (
+        f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+        f"model name\t: AMD EPYC\nflags\t\t: {flags}\n\nprocessor\t: 1\nvendor_id\t: Other\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "vendor, family, model, expected",
+    [
+        ("AuthenticAMD", 26, 2, "amd-zen5"),  # Turin
+        ("AuthenticAMD", 25, 17, "amd-zen4"),  # Genoa (0x11)
+        ("AuthenticAMD", 25, 1, "amd-zen3"),  # Milan
+        ("AuthenticAMD", 25, 160, "amd-zen4"),  # Bergamo (0xA0)
+        ("GenuineIntel", 6, 143, "intel-f6m143"),  # Sapphire Rapids: by number
+    ],
+)
+def test_cpu_model_names_the_generation(vendor, family, model, expected):
+    from benchmarks.common import cpu_info, cpu_model
+
+    info = cpu_info(_cpuinfo(vendor, family, model))
+    assert info["family"] == str(family) and info["vector"] == "avx2 avx512f"
+    assert cpu_model(info) == expected
+    assert cpu_model({}) == ""  # no /proc/cpuinfo: the device name has no CPU part
