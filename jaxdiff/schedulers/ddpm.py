@@ -227,12 +227,12 @@ class DDPMScheduler(SchedulerMixin):
         )
         c = self.config
         check_timestep(timestep, c.num_train_timesteps)
+        check_scheduled_timestep(timestep, state.timesteps, type(self).__name__)
         out_dtype = sample.dtype
         x_t = sample.astype(jnp.float32)
         model_output = model_output.astype(jnp.float32)
         if timestep is None:
             timestep = state.timesteps[state.step_index]
-        check_scheduled_timestep(timestep, state.timesteps, type(self).__name__)
         t = jnp.asarray(timestep, jnp.int32)
         prev_t = self.previous_timestep(state, t)
 
