@@ -37,6 +37,7 @@ _EXPORTS = {
     # utilities
     "make_image_grid": "jaxdiff.utils",
     "compiler_options": "jaxdiff.utils",
+    "use_onednn_convolutions": "jaxdiff.models.onednn_conv",
 }
 
 

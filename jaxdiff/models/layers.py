@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.models import onednn_conv
 from jaxdiff.models.group_norm import GroupNorm
 
 Array = jax.Array
@@ -101,7 +102,9 @@ class Conv2d(nn.Module):
     Params ``kernel`` (HWIO) and ``bias`` as in ``flax.linen.Conv``. A 1x1 kernel is a matmul;
     a k x k kernel whose output has at most ``IM2COL_MAX_PIXELS`` pixels is a matmul over im2col
     patches (same result, far faster on XLA:CPU); anything larger is
-    ``lax.conv_general_dilated``.
+    ``lax.conv_general_dilated``, or oneDNN's convolution in float32 on the CPU after
+    :func:`jaxdiff.use_onednn_convolutions` when the batch has at least
+    ``onednn_conv.MIN_OUTPUT_PIXELS`` output pixels (:mod:`jaxdiff.models.onednn_conv`).
     """
 
     features: int
@@ -128,6 +131,12 @@ class Conv2d(nn.Module):
         elif out_h * out_w <= IM2COL_MAX_PIXELS:
             x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
             y = _im2col(x, k, s) @ kernel.reshape(k * k * x.shape[-1], self.features)
+        elif (
+            x.dtype == jnp.float32
+            and x.shape[0] * out_h * out_w >= onednn_conv.MIN_OUTPUT_PIXELS
+            and onednn_conv.enabled()
+        ):
+            y = onednn_conv.conv2d(x, kernel, (s, s), ((p, p), (p, p)))
         else:
             # Padding inside the conv, not a jnp.pad before it: XLA:CPU's weight gradient of
             # pad + VALID conv is 2.5x slower than that of the padded conv.
