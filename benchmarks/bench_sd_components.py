@@ -279,7 +279,7 @@ def worker_jax(component: str, folder: Path, tiny: bool, batch: int, size: int, 
     start = time.perf_counter()
     compiled = jax.jit(fn, compiler_options=compiler_options()).lower(params, *args).compile()
     compile_s = time.perf_counter() - start
-    flops = xla_flops(compiled)
+    flops = xla_flops(compiled, fn, (params, *args))
     start = time.perf_counter()
     out = jax.block_until_ready(compiled(params, *args))
     first = time.perf_counter() - start

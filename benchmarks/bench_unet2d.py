@@ -114,14 +114,15 @@ def bench_jax(folder: Path, batch, size, steps, repeats):
     unet, params = pipe.unet, pipe.params["unet"]
     x = jax.random.normal(jax.random.key(0), (batch, size, size, 3))
     t = jnp.full((batch,), 500)
-    fwd = jax.jit(
-        lambda p, x, t: unet.apply({"params": p}, x, t).sample,
-        compiler_options=compiler_options(),
-    )
+
+    def forward_fn(p, x, t):
+        return unet.apply({"params": p}, x, t).sample
+
+    fwd = jax.jit(forward_fn, compiler_options=compiler_options())
     start = time.perf_counter()
     compiled = fwd.lower(params, x, t).compile()
     compile_fwd = time.perf_counter() - start
-    flops = xla_flops(compiled)
+    flops = xla_flops(compiled, forward_fn, (params, x, t))
     jax.block_until_ready(compiled(params, x, t))
     forward = median_time(lambda: jax.block_until_ready(compiled(params, x, t)), repeats)
 

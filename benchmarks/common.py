@@ -69,14 +69,19 @@ def cpu_model(info: dict[str, str] | None = None) -> str:
 
 def device_name() -> str:
     """``cpu-<cores>core-<arch>-<cpu model>`` (e.g. ``cpu-2core-x86_64-amd-zen5``) or the
-    accelerator's device kind, for result file names."""
+    accelerator's device kind, for result file names. On the CPU with jaxdiff's oneDNN
+    convolutions switched on (``JAXDIFF_ONEDNN=1``) it ends in ``-onednn``, so those results
+    sit beside the XLA-convolution ones instead of replacing them."""
     import jax
+
+    from jaxdiff.models import onednn_conv
 
     d = jax.devices()[0]
     if d.platform == "cpu":
         name = f"cpu-{os.cpu_count()}core-{platform.machine()}"
         model = cpu_model()
-        return f"{name}-{model}" if model else name
+        name = f"{name}-{model}" if model else name
+        return f"{name}-onednn" if onednn_conv.enabled() else name
     return d.device_kind.replace(" ", "-")
 
 
@@ -95,9 +100,25 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def xla_flops(compiled) -> float:
-    """FLOPs of a compiled JAX executable from XLA's cost analysis (0 if unavailable)."""
-    cost = compiled.cost_analysis()
+def xla_flops(compiled, fn: Callable | None = None, args: tuple = ()) -> float:
+    """FLOPs of a compiled JAX executable from XLA's cost analysis (0 if unavailable).
+
+    XLA counts nothing inside a custom call, so with jaxdiff's oneDNN convolutions switched on
+    the count comes from ``fn`` (the function that was jitted) on ``args``, lowered again with
+    XLA's convolutions: the same arithmetic, counted before optimization.
+    """
+    from jaxdiff.models import onednn_conv
+
+    if fn is not None and onednn_conv.enabled():
+        import jax
+
+        onednn_conv.use_onednn_convolutions(False)
+        try:
+            cost = jax.jit(lambda *a: fn(*a)).lower(*args).cost_analysis()
+        finally:
+            onednn_conv.use_onednn_convolutions(True)
+    else:
+        cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
@@ -115,6 +136,10 @@ def library_versions() -> dict[str, str]:
         out["torch_threads"] = str(torch.get_num_threads())
     except ImportError:
         pass
+    from jaxdiff.models import onednn_conv
+
+    if onednn_conv.enabled():
+        out["convolutions"] = f"oneDNN {onednn_conv.onednn_version()} (jaxdiff custom calls)"
     info = cpu_info()
     if info:
         out["cpu"] = (
