@@ -181,23 +181,16 @@ def _call(name: str, out_shape: tuple[int, ...], a: Array, b: Array, stride, pad
     )
 
 
-def _output_shape(x_shape, w_shape, stride, padding) -> tuple[int, int, int, int]:
-    n, h, w, _ = x_shape
-    kh, kw, _, co = w_shape
-    oh = (h + padding[0][0] + padding[0][1] - kh) // stride[0] + 1
-    ow = (w + padding[1][0] + padding[1][1] - kw) // stride[1] + 1
-    return n, oh, ow, co
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: Array, kernel: Array, stride: tuple[int, int], padding) -> Array:
     """``lax.conv_general_dilated(x, kernel, stride, padding, dimension_numbers=("NHWC",
     "HWIO", "NHWC"))`` for float32 ``x`` (N, H, W, C_in) and ``kernel`` (kh, kw, C_in, C_out),
     with ``padding`` as ``((top, bottom), (left, right))``, computed by oneDNN."""
     load()
-    return _call(
-        "fwd", _output_shape(x.shape, kernel.shape, stride, padding), x, kernel, stride, padding
+    shape = jax.lax.conv_general_shape_tuple(
+        x.shape, kernel.shape, stride, padding, ("NHWC", "HWIO", "NHWC")
     )
+    return _call("fwd", tuple(map(int, shape)), x, kernel, stride, padding)
 
 
 def _conv2d_fwd(x, kernel, stride, padding):

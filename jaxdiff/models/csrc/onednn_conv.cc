@@ -24,7 +24,7 @@ using dnnl::memory;
 namespace {
 
 using Dims = std::array<int64_t, 4>;
-using Key = std::array<int64_t, 17>;
+using Key = std::array<int64_t, 16>;
 
 struct Geometry {
   int64_t n, h, w, ci, oh, ow, co, kh, kw;
@@ -54,7 +54,7 @@ Geometry MakeGeometry(Dims x, Dims w, Dims y, int64_t sh, int64_t sw, int64_t pt
 
 Key MakeKey(int64_t kind, const Geometry& g) {
   return Key{kind, g.n, g.h, g.w, g.ci, g.oh, g.ow, g.co, g.kh, g.kw, g.strides[0], g.strides[1],
-             g.pad_l[0], g.pad_l[1], g.pad_r[0], g.pad_r[1], 0};
+             g.pad_l[0], g.pad_l[1], g.pad_r[0], g.pad_r[1]};
 }
 
 dnnl::convolution_forward::primitive_desc ForwardPd(const Geometry& g, dnnl::prop_kind prop) {
@@ -95,35 +95,30 @@ Entry MakeForward(const Geometry& g) {
   return Entry{dnnl::convolution_forward(pd), pd.weights_desc()};
 }
 
-Entry MakeBackwardData(const Geometry& g) {
+// The primitive descriptor of convolution_backward_data or convolution_backward_weights: both
+// take (algorithm, input, kernel, output, strides, padding) descriptors and a forward hint.
+template <typename Backward>
+typename Backward::primitive_desc BackwardPd(const Geometry& g) {
   auto hint = ForwardPd(g, dnnl::prop_kind::forward_training);
 #if DNNL_VERSION_MAJOR >= 3
-  dnnl::convolution_backward_data::primitive_desc pd(
+  return typename Backward::primitive_desc(
       Engine(), dnnl::algorithm::convolution_direct, Nhwc(g.n, g.ci, g.h, g.w), AnyWeights(g),
       Nhwc(g.n, g.co, g.oh, g.ow), g.strides, g.pad_l, g.pad_r, hint);
 #else
-  dnnl::convolution_backward_data::desc desc(dnnl::algorithm::convolution_direct,
-                                             Nhwc(g.n, g.ci, g.h, g.w), AnyWeights(g),
-                                             Nhwc(g.n, g.co, g.oh, g.ow), g.strides, g.pad_l,
-                                             g.pad_r);
-  dnnl::convolution_backward_data::primitive_desc pd(desc, Engine(), hint);
+  typename Backward::desc desc(dnnl::algorithm::convolution_direct, Nhwc(g.n, g.ci, g.h, g.w),
+                               AnyWeights(g), Nhwc(g.n, g.co, g.oh, g.ow), g.strides, g.pad_l,
+                               g.pad_r);
+  return typename Backward::primitive_desc(desc, Engine(), hint);
 #endif
+}
+
+Entry MakeBackwardData(const Geometry& g) {
+  auto pd = BackwardPd<dnnl::convolution_backward_data>(g);
   return Entry{dnnl::convolution_backward_data(pd), pd.weights_desc()};
 }
 
 Entry MakeBackwardWeights(const Geometry& g) {
-  auto hint = ForwardPd(g, dnnl::prop_kind::forward_training);
-#if DNNL_VERSION_MAJOR >= 3
-  dnnl::convolution_backward_weights::primitive_desc pd(
-      Engine(), dnnl::algorithm::convolution_direct, Nhwc(g.n, g.ci, g.h, g.w), AnyWeights(g),
-      Nhwc(g.n, g.co, g.oh, g.ow), g.strides, g.pad_l, g.pad_r, hint);
-#else
-  dnnl::convolution_backward_weights::desc desc(dnnl::algorithm::convolution_direct,
-                                                Nhwc(g.n, g.ci, g.h, g.w), AnyWeights(g),
-                                                Nhwc(g.n, g.co, g.oh, g.ow), g.strides, g.pad_l,
-                                                g.pad_r);
-  dnnl::convolution_backward_weights::primitive_desc pd(desc, Engine(), hint);
-#endif
+  auto pd = BackwardPd<dnnl::convolution_backward_weights>(g);
   return Entry{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc()};
 }
 
@@ -137,6 +132,15 @@ Dims Dims4(const D& d) {
 // team over all cores, and two spinning teams on the same cores slow each other down by
 // orders of magnitude. oneDNN already uses every core, so serializing costs nothing.
 std::mutex run_mutex;
+
+// The kernel in the layout the primitive wants: the HWIO buffer itself, or a reordered copy.
+memory KernelFor(const Entry& e, const Geometry& g, float* hwio_data, dnnl::stream& stream) {
+  memory hwio(Hwio(g), Engine(), hwio_data);
+  if (e.weights == Hwio(g)) return hwio;
+  memory blocked(e.weights, Engine());
+  dnnl::reorder(hwio, blocked).execute(stream, hwio, blocked);
+  return blocked;
+}
 
 ffi::Error Run(const std::function<void()>& body) {
   std::lock_guard<std::mutex> lock(run_mutex);
@@ -158,12 +162,7 @@ ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     dnnl::stream stream(Engine());
     memory src(Nhwc(g.n, g.ci, g.h, g.w), Engine(), x.typed_data());
     memory dst(Nhwc(g.n, g.co, g.oh, g.ow), Engine(), y->typed_data());
-    memory hwio(Hwio(g), Engine(), w.typed_data());
-    memory weights = hwio;
-    if (e.weights != Hwio(g)) {
-      weights = memory(e.weights, Engine());
-      dnnl::reorder(hwio, weights).execute(stream, hwio, weights);
-    }
+    memory weights = KernelFor(e, g, w.typed_data(), stream);
     e.primitive.execute(stream,
                         {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}});
     stream.wait();
@@ -180,12 +179,7 @@ ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
     dnnl::stream stream(Engine());
     memory diff_dst(Nhwc(g.n, g.co, g.oh, g.ow), Engine(), dy.typed_data());
     memory diff_src(Nhwc(g.n, g.ci, g.h, g.w), Engine(), dx->typed_data());
-    memory hwio(Hwio(g), Engine(), w.typed_data());
-    memory weights = hwio;
-    if (e.weights != Hwio(g)) {
-      weights = memory(e.weights, Engine());
-      dnnl::reorder(hwio, weights).execute(stream, hwio, weights);
-    }
+    memory weights = KernelFor(e, g, w.typed_data(), stream);
     e.primitive.execute(stream, {{DNNL_ARG_DIFF_DST, diff_dst},
                                  {DNNL_ARG_WEIGHTS, weights},
                                  {DNNL_ARG_DIFF_SRC, diff_src}});
