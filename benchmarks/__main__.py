@@ -63,7 +63,7 @@ class Benchmark:
 BENCHMARKS: list[Benchmark] = [
     Benchmark("unet2d", "benchmarks.bench_unet2d", quick="--batch 2 --steps 5 --repeats 1"),
     Benchmark("sd_components", "benchmarks.bench_sd_components", quick="--tiny --repeats 1", quick_stem="sd_components_tiny"),
-    Benchmark("train", "benchmarks.bench_train", quick="--batch 8 --steps 2 --repeats 1"),
+    Benchmark("train", "benchmarks.bench_train", quick="--batch 8 --steps 2 --steps-per-call 2 --repeats 1"),
     Benchmark("sd_pipeline", "benchmarks.bench_sd_pipeline", quick="--tiny --repeats 1", quick_stem="sd_pipeline_tiny"),
     Benchmark("ops", "benchmarks.bench_ops", quick="--quick --repeats 1"),
 ]

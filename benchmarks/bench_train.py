@@ -1,7 +1,7 @@
 """Train-step throughput: jaxdiff's jitted DDPM step vs a diffusers + PyTorch training step.
 
     python -m benchmarks.bench_train [--model cats-32] [--batch 32] [--size 32] \\
-        [--steps 5] [--repeats 5] [--bf16]
+        [--steps 8] [--steps-per-call 8] [--repeats 5] [--bf16]
 
 Both sides run the same step on the same UNet2DModel config and batch (Ho et al. 2020,
 Algorithm 1): draw t ~ U{0..999} and eps, x_t = add_noise(x0, eps, t), MSE(unet(x_t, t), eps),
@@ -11,9 +11,12 @@ update of the weights (decay 0.9999). The PyTorch side is diffusers' own ``UNet2
 ``torch._foreach_lerp_`` for the EMA, i.e. what diffusers' ``train_unconditional.py`` does per
 step, minus data loading.
 
-JAX compile time (lower + compile of the step) is reported separately; run times are the median
-over ``--repeats`` of ``--steps`` consecutive steps, ending in ``block_until_ready`` (JAX) or
-after the last ``optimizer.step()`` (PyTorch, synchronous on CPU). Writes
+jaxdiff runs the steps as ``jaxdiff train`` does: ``--steps-per-call`` steps per compiled call
+(``TrainStep.steps``, a ``lax.scan``; default ``TrainConfig.steps_per_call``), and, for
+comparison, one call per step (``jaxdiff_one_call_per_step``). JAX compile time (lower +
+compile) is reported separately; run times are the median over ``--repeats`` of ``--steps``
+consecutive steps, ending in ``block_until_ready`` (JAX) or after the last ``optimizer.step()``
+(PyTorch, synchronous on CPU). Writes
 ``benchmarks/results/train_<device>.json`` and ``.md``.
 """
 
@@ -34,6 +37,7 @@ from benchmarks.common import (
     peak_rss_mib,
     write_results,
 )
+from jaxdiff.training.loop import TrainConfig
 
 LR, WEIGHT_DECAY, CLIP, EMA = 1e-4, 1e-6, 1.0, 0.9999
 
@@ -44,7 +48,9 @@ def unet_fields(model: str, size: int) -> dict:
     return {**MODEL_PRESETS[model], "sample_size": size}
 
 
-def bench_jax(fields: dict, batch: int, steps: int, repeats: int, bf16: bool) -> dict:
+def bench_jax(
+    fields: dict, batch: int, steps: int, repeats: int, bf16: bool, steps_per_call: int = 1
+) -> dict:
     from jaxdiff.models.unet_2d import UNet2DModel
     from jaxdiff.schedulers import DDPMScheduler
     from jaxdiff.training.train_state import (
@@ -66,15 +72,26 @@ def bench_jax(fields: dict, batch: int, steps: int, repeats: int, bf16: bool) ->
     size = fields["sample_size"]
     x0 = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     key = jax.random.key(1)
+    k = steps_per_call
+    if steps % k:
+        raise ValueError(f"--steps ({steps}) must be a multiple of --steps-per-call ({k})")
     start = time.perf_counter()
-    compiled = step.jitted.lower(state, x0, key).compile()
+    if k == 1:
+        compiled = step.jitted.lower(state, x0, key).compile()
+    else:
+        x0s = np.stack([x0] * k)
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(k))
+        compiled = step.jitted_steps.lower(state, x0s, keys).compile()
     compile_s = time.perf_counter() - start
     box = {"state": state}
 
     def run():
         s = box["state"]
-        for i in range(steps):
-            s, metrics = compiled(s, x0, jax.random.fold_in(key, i))
+        for i in range(steps // k):
+            if k == 1:
+                s, metrics = compiled(s, x0, jax.random.fold_in(key, i))
+            else:
+                s, metrics = compiled(s, x0s, keys)
         jax.block_until_ready(s)
         box["state"] = s
 
@@ -86,6 +103,7 @@ def bench_jax(fields: dict, batch: int, steps: int, repeats: int, bf16: bool) ->
         "images_per_s": batch * steps / t,
         "devices": step.num_devices,
         "dtype": "bfloat16 compute" if bf16 else "float32",
+        "steps_per_call": k,
     }
 
 
@@ -135,7 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="cats-32", help="a jaxdiff.training MODEL_PRESETS name")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+    parser.add_argument("--steps", type=int, default=8, help="steps per timed repeat")
+    parser.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=TrainConfig.steps_per_call,
+        help="jaxdiff steps per compiled call, as `jaxdiff train --steps-per-call`",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bf16", action="store_true", help="also time jaxdiff with bf16 compute")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
@@ -150,10 +174,13 @@ def main(argv: list[str] | None = None) -> None:
         "device": device_name(),
         "versions": library_versions(),
         "config": {**_config(args), "unet": {k: v for k, v in fields.items()}, "params": n_params},
-        "jaxdiff": bench_jax(fields, args.batch, args.steps, args.repeats, bf16=False),
     }
+    k, timing = args.steps_per_call, (args.batch, args.steps, args.repeats)
+    result["jaxdiff"] = bench_jax(fields, *timing, bf16=False, steps_per_call=k)
+    if k > 1:
+        result["jaxdiff_one_call_per_step"] = bench_jax(fields, *timing, bf16=False)
     if args.bf16:
-        result["jaxdiff_bf16"] = bench_jax(fields, args.batch, args.steps, args.repeats, bf16=True)
+        result["jaxdiff_bf16"] = bench_jax(fields, *timing, bf16=True, steps_per_call=k)
     if not args.no_torch:
         result["torch"] = bench_torch(fields, args.batch, args.steps, args.repeats)
     result["peak_rss_mib"] = peak_rss_mib()
@@ -166,7 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         "| implementation | images/s | step (ms) | compile (s) |",
         "|---|---|---|---|",
     ]
-    for name, label in (("jaxdiff", "jaxdiff (jit, fp32)"), ("jaxdiff_bf16", "jaxdiff (jit, bf16)"),
+    per_call = f", {k} steps per call" if k > 1 else ""
+    for name, label in (("jaxdiff", f"jaxdiff (jit, fp32{per_call})"),
+                        ("jaxdiff_one_call_per_step", "jaxdiff (jit, fp32, one call per step)"),
+                        ("jaxdiff_bf16", f"jaxdiff (jit, bf16{per_call})"),
                         ("torch", "diffusers + PyTorch (fp32)")):  # fmt: skip
         if name in result:
             r = result[name]
@@ -178,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
         speedup = result["jaxdiff"]["images_per_s"] / result["torch"]["images_per_s"]
         result["speedup_vs_torch"] = speedup
         table += ["", f"jaxdiff / PyTorch throughput: {speedup:.2f}x"]
+        if "jaxdiff_one_call_per_step" in result:
+            one = result["jaxdiff_one_call_per_step"]["images_per_s"]
+            result["one_call_per_step_vs_torch"] = one / result["torch"]["images_per_s"]
+            table += [f"(one call per step: {result['one_call_per_step_vs_torch']:.2f}x)"]
     print(write_results("train", result, table, out=args.out))
 
 

@@ -98,10 +98,15 @@ def _rows_train(stem: str, result: dict) -> list[dict]:
     what = f"train step, {c['model']} UNet, batch {c['batch']}, {c['size']}x{c['size']}"
     torch = result.get("torch")
     torch_ips = torch["images_per_s"] if torch else None
-    rows = [make_row(stem, f"{what}, fp32", "images/s", result["jaxdiff"]["images_per_s"], torch_ips, True)]  # fmt: skip
+    k = result["jaxdiff"].get("steps_per_call", 1)
+    per_call = f", {k} steps per call" if k > 1 else ""
+    rows = [make_row(stem, f"{what}, fp32{per_call}", "images/s", result["jaxdiff"]["images_per_s"], torch_ips, True)]  # fmt: skip
+    if "jaxdiff_one_call_per_step" in result:
+        one = result["jaxdiff_one_call_per_step"]["images_per_s"]
+        rows.append(make_row(stem, f"{what}, fp32, one call per step", "images/s", one, torch_ips, True))  # fmt: skip
     if "jaxdiff_bf16" in result:
         bf16 = result["jaxdiff_bf16"]["images_per_s"]
-        rows.append(make_row(stem, f"{what}, jaxdiff bf16 vs PyTorch fp32", "images/s", bf16, torch_ips, True))  # fmt: skip
+        rows.append(make_row(stem, f"{what}, jaxdiff bf16{per_call} vs PyTorch fp32", "images/s", bf16, torch_ips, True))  # fmt: skip
     return rows
 
 

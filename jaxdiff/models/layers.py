@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.models import onednn_conv
+from jaxdiff.models import conv_grads, onednn_conv
 from jaxdiff.models.group_norm import GroupNorm
 
 Array = jax.Array
@@ -104,7 +104,9 @@ class Conv2d(nn.Module):
     patches (same result, far faster on XLA:CPU); anything larger is
     ``lax.conv_general_dilated``, or oneDNN's convolution in float32 on the CPU after
     :func:`jaxdiff.use_onednn_convolutions` when the batch has at least
-    ``onednn_conv.MIN_OUTPUT_PIXELS`` output pixels (:mod:`jaxdiff.models.onednn_conv`).
+    ``onednn_conv.MIN_OUTPUT_PIXELS`` output pixels (:mod:`jaxdiff.models.onednn_conv`). Traced
+    inside a train step on the CPU, XLA's convolution takes its gradients from
+    :mod:`jaxdiff.models.conv_grads` (the same values, in the layout that stays fast in loops).
     """
 
     features: int
@@ -137,6 +139,8 @@ class Conv2d(nn.Module):
             and onednn_conv.enabled()
         ):
             y = onednn_conv.conv2d(x, kernel, (s, s), ((p, p), (p, p)))
+        elif conv_grads.active():  # inside a train step: gradients that stay fast in loops
+            y = conv_grads.conv2d(x, kernel, (s, s), ((p, p), (p, p)))
         else:
             # Padding inside the conv, not a jnp.pad before it: XLA:CPU's weight gradient of
             # pad + VALID conv is 2.5x slower than that of the padded conv.

@@ -76,6 +76,12 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--sample-steps", type=_positive_int, default=d.sample_steps, help="DDIM steps")
     p.add_argument("--log-every", type=_positive_int, default=d.log_every)
     p.add_argument(
+        "--steps-per-call",
+        type=_positive_int,
+        default=d.steps_per_call,
+        help="optimizer steps per compiled call (a lax.scan); 1: one call per step",
+    )
+    p.add_argument(
         "--prediction-type",
         choices=("epsilon", "v_prediction", "sample"),
         default=d.prediction_type,
@@ -136,6 +142,7 @@ def config_from_args(args: argparse.Namespace):
         sample_count=args.sample_count,
         sample_steps=args.sample_steps,
         log_every=args.log_every,
+        steps_per_call=args.steps_per_call,
         prediction_type=args.prediction_type,
         snr_gamma=args.snr_gamma,
         model=args.model,

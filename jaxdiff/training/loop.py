@@ -13,7 +13,10 @@ of :mod:`jaxdiff.training.train_state`, with everything a run needs around it::
 Step ``s`` uses the batch ``BatchIterator(seed).uint8_batch(s)`` and the key
 ``fold_in(fold_in(key(seed), 1), s)``: both pure functions of (seed, s), so a run resumed from
 the checkpoint of step ``s`` (``resume=True``) ends with exactly the params of an uninterrupted
-run.
+run. Steps run ``steps_per_call`` at a time in one compiled program (``TrainStep.steps``) wherever
+no checkpoint or sample falls among them, one at a time otherwise; a resumed run does the same
+from the same step, so it repeats the uninterrupted run's calls exactly (a different
+``steps_per_call`` gives the same params up to float round-off).
 """
 
 from __future__ import annotations
@@ -113,6 +116,9 @@ class TrainConfig:
             negative: never.
         sample_count, sample_steps: images in the grid and their DDIM steps.
         log_every: loss.csv / progress-bar interval.
+        steps_per_call: optimizer steps per compiled call (a ``lax.scan``; see
+            :class:`~jaxdiff.training.train_state.TrainStep`): fewer calls, less per-call
+            overhead (on the CPU, the temp buffer's page faults). 1: a call per step.
         prediction_type: "epsilon", "v_prediction" or "sample".
         snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's value);
             None: the unweighted loss.
@@ -146,6 +152,7 @@ class TrainConfig:
     sample_count: int = 16
     sample_steps: int = 50
     log_every: int = 10
+    steps_per_call: int = 8
     prediction_type: str = "epsilon"
     snr_gamma: float | None = None
     model: str = "cats-32"
@@ -168,6 +175,7 @@ class TrainConfig:
             "steps",
             "batch",
             "log_every",
+            "steps_per_call",
             "keep",
             "sample_count",
             "sample_steps",
@@ -399,6 +407,42 @@ class _Sampler:
         return path
 
 
+class _LossLog:
+    """Turns the metrics of the steps run so far into loss.csv rows: one per ``log_every``
+    steps (and at the last step), the mean loss since the previous row and the last lr.
+
+    Metrics stay on the device until a row is due (no host sync between rows); a call of
+    several steps may cross several row boundaries.
+    """
+
+    def __init__(self, log_every: int, total: int, start: int):
+        self.log_every, self.total, self.logged = log_every, total, start
+        self.pending: list[dict] = []  # metrics of the steps after ``logged``, in order
+
+    def add(self, metrics: dict, done: int) -> list[tuple[int, float, float]]:
+        """Adds the metrics of the steps up to ``done`` (scalars, or arrays of one value per
+        step); returns the rows now due."""
+        self.pending.append(metrics)
+        due = [b for b in range(self.logged + 1, done + 1) if b % self.log_every == 0]
+        if done == self.total and (not due or due[-1] != done):
+            due.append(done)
+        if not due:
+            return []
+        fetched = jax.device_get(self.pending)
+        losses = np.concatenate([np.atleast_1d(m["loss"]) for m in fetched]).astype(np.float64)
+        lrs = np.concatenate([np.atleast_1d(m["lr"]) for m in fetched]).astype(np.float64)
+        rows = []
+        for b in due:  # losses[i] belongs to step logged + 1 + i
+            first, upto = rows[-1][0] if rows else self.logged, b
+            i, j = first - self.logged, upto - self.logged
+            rows.append((b, float(np.mean(losses[i:j])), float(lrs[j - 1])))
+        cut = due[-1] - self.logged
+        rest = {"loss": losses[cut:], "lr": lrs[cut:]}
+        self.pending = [rest] if len(rest["loss"]) else []
+        self.logged = due[-1]
+        return rows
+
+
 # ----------------------------------------------------------------------------- train
 def train(config: TrainConfig) -> TrainResult:
     """Runs (or resumes) the training run described by ``config``; see the module docstring."""
@@ -471,7 +515,6 @@ def train(config: TrainConfig) -> TrainResult:
     _write_loss_log(log_path, rows)
 
     sampler = _Sampler(unet, scheduler, config) if config.sample_every >= 0 else None
-    pending: list[dict] = []
     last_loss = rows[-1][1] if rows else None
     t0 = time.perf_counter()
     bar = tqdm(
@@ -482,25 +525,41 @@ def train(config: TrainConfig) -> TrainResult:
         meta = {"data_seed": config.seed, "data_position": done, "batch": config.batch}
         ckpt.save(done, state, meta)
 
-    for step in range(start, config.steps):
-        batch = batches.uint8_batch(step)
-        state, metrics = step_fn(state, batch, jax.random.fold_in(train_key, step))
-        pending.append(metrics)
-        done = step + 1
-        bar.update(1)
+    def events_after(step: int) -> int:
+        """The first step after ``step`` at which the loop must stop to checkpoint or sample."""
+        stops = [config.steps]
+        for every in (config.checkpoint_every, config.sample_every if sampler else 0):
+            if every > 0:
+                stops.append((step // every + 1) * every)
+        return min(stops)
+
+    def fold_keys(first: int, n: int) -> jax.Array:
+        return jax.vmap(lambda s: jax.random.fold_in(train_key, s))(jnp.arange(first, first + n))
+
+    log = _LossLog(config.log_every, config.steps, start)
+    step = start
+    while step < config.steps:
+        # steps_per_call steps in one call where no checkpoint or sample falls inside them
+        n = config.steps_per_call if events_after(step) - step >= config.steps_per_call else 1
+        if n == 1:
+            key = jax.random.fold_in(train_key, step)
+            state, metrics = step_fn(state, batches.uint8_batch(step), key)
+        else:
+            chunk = np.stack([batches.uint8_batch(s) for s in range(step, step + n)])
+            state, metrics = step_fn.steps(state, chunk, fold_keys(step, n))
+        done = step + n
+        bar.update(n)
         final = done == config.steps
-        if done % config.log_every == 0 or final:
-            fetched = jax.device_get(pending)
-            pending = []
-            last_loss = float(np.mean([m["loss"] for m in fetched]))
-            if not math.isfinite(last_loss):
+        for row in log.add(metrics, done):
+            if not math.isfinite(row[1]):
                 bar.close()
                 ckpt.close()
-                raise FloatingPointError(f"the loss became {last_loss} at step {done}; lower --lr")
-            rows.append((done, last_loss, float(fetched[-1]["lr"])))
+                raise FloatingPointError(f"the loss became {row[1]} at step {row[0]}; lower --lr")
+            rows.append(row)
             with open(log_path, "a", newline="") as f:
-                csv.writer(f).writerow([done, f"{last_loss:.6g}", f"{rows[-1][2]:.6g}"])
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{rows[-1][2]:.2e}")
+                csv.writer(f).writerow([row[0], f"{row[1]:.6g}", f"{row[2]:.6g}"])
+            last_loss = row[1]
+            bar.set_postfix(loss=f"{row[1]:.4f}", lr=f"{row[2]:.2e}")
         if final or (config.checkpoint_every and done % config.checkpoint_every == 0):
             save_checkpoint(done)
             plot_loss_curve(rows, out / "loss.png")
@@ -508,6 +567,7 @@ def train(config: TrainConfig) -> TrainResult:
             final or (config.sample_every and done % config.sample_every == 0)
         ):
             sampler(state.ema_params, done)
+        step = done
     bar.close()
     ckpt.close()
     seconds = time.perf_counter() - t0

@@ -11,6 +11,17 @@ state (fp32 params, their EMA and the optimizer state) is replicated. XLA insert
 all-reduce. Example ``i`` of a batch draws its timestep and noise from ``fold_in(key, i)``, so
 the result does not depend on the device count beyond the float round-off of that reduction.
 
+``step.steps(state, batches, keys)`` runs ``n`` such steps in one compiled program
+(``lax.scan`` over ``batches`` of shape ``(n, batch, H, W, C)`` and ``keys`` of shape ``(n,)``),
+with the same result as ``n`` calls of ``step`` up to float round-off. Fewer, longer calls are
+what make training fast on the CPU: XLA:CPU allocates a program's temp buffer at every call and
+glibc hands an allocation that large back to the kernel when it is freed, so each call
+page-faults the whole buffer in again (about 127,000 faults, a quarter of the cats-32 train
+step's time on 2 cores; ``benchmarks/README.md``, "What limits the ratios"). A scan of 4 steps
+takes one call's faults for 4 steps. (The model is traced under
+:func:`jaxdiff.models.conv_grads.canonical_gradients`, without which XLA:CPU runs the
+convolution gradients inside the scan as naive loops.)
+
 With ``compute_dtype=jnp.bfloat16`` the model runs in bf16 (convolutions, matmuls) while the
 params, gradients, Adam moments and EMA stay float32 ("master weights"); the loss is float32.
 """
@@ -27,6 +38,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import sampling
+from jaxdiff.models import conv_grads
 from jaxdiff.models.modeling_utils import check_dtype
 from jaxdiff.training.losses import check_prediction_type, check_snr_gamma, diffusion_loss
 from jaxdiff.utils.xla import compiler_options
@@ -143,29 +155,57 @@ class TrainStep:
     ``batch``: NHWC images, uint8 in [0, 255] or float in [-1, 1]; its size must be a multiple
     of the number of devices of the mesh. ``metrics``: float32 scalars ``loss``, ``grad_norm``,
     ``lr`` and ``ema_decay`` (of the step just taken). The state argument is donated.
-    ``jitted`` is the underlying ``jax.jit`` function (``.lower(...).compile()`` for timing).
+    ``jitted`` is the underlying ``jax.jit`` function (``.lower(...).compile()`` for timing);
+    ``jitted_steps`` that of :meth:`steps`.
     """
 
-    def __init__(self, jitted: Callable, mesh: Mesh):
+    def __init__(self, jitted: Callable, jitted_steps: Callable, mesh: Mesh):
         self.jitted = jitted
+        self.jitted_steps = jitted_steps
         self.mesh = mesh
 
     @property
     def num_devices(self) -> int:
         return self.mesh.devices.size
 
-    def __call__(self, state: TrainState, batch: Any, key: jax.Array) -> tuple[TrainState, dict]:
-        shape = getattr(batch, "shape", None)
-        if shape is None or len(shape) != 4:
+    def _check_batch(self, shape: Any, name: str, leading: str = "") -> None:
+        rank = 4 + bool(leading)
+        if shape is None or len(shape) != rank:
             raise ValueError(
-                f"batch must be NHWC images (batch, height, width, channels), got shape {shape}"
+                f"{name} must be NHWC images ({leading}batch, height, width, channels), got "
+                f"shape {shape}"
             )
-        if shape[0] % self.num_devices:
+        if shape[-4] % self.num_devices:
             raise ValueError(
-                f"the batch size {shape[0]} must be a multiple of the number of devices "
+                f"the batch size {shape[-4]} must be a multiple of the number of devices "
                 f"({self.num_devices}) it is split over"
             )
+
+    def __call__(self, state: TrainState, batch: Any, key: jax.Array) -> tuple[TrainState, dict]:
+        self._check_batch(getattr(batch, "shape", None), "batch")
         return self.jitted(state, batch, key)
+
+    def steps(self, state: TrainState, batches: Any, keys: jax.Array) -> tuple[TrainState, dict]:
+        """``n`` train steps in one call: step ``i`` takes ``batches[i]`` and ``keys[i]``.
+
+        Args:
+            state: as for a single step (donated).
+            batches: ``(n, batch, height, width, channels)``, uint8 or float as for one step.
+            keys: ``n`` PRNG keys, shape ``(n,)`` (e.g. ``jax.vmap(partial(fold_in, key))``
+                over the step numbers).
+
+        Returns:
+            ``(state, metrics)`` with each metric of shape ``(n,)``, one value per step. One
+            program is compiled per ``n``.
+        """
+        shape = getattr(batches, "shape", None)
+        self._check_batch(shape, "batches", "steps, ")
+        key_shape = getattr(keys, "shape", None)
+        if key_shape != shape[:1]:
+            raise ValueError(
+                f"keys must hold one PRNG key per step, shape ({shape[0]},), got shape {key_shape}"
+            )
+        return self.jitted_steps(state, batches, keys)
 
 
 def make_train_step(
@@ -216,7 +256,8 @@ def make_train_step(
     def apply_fn(params, x_t, t, dropout_key):
         rngs = {"dropout": dropout_key} if use_dropout else None
         x_in = x_t.astype(model.dtype)
-        return model.apply({"params": params}, x_in, t, train=use_dropout, rngs=rngs).sample
+        with conv_grads.canonical_gradients():  # fast convolution gradients in steps()' scan
+            return model.apply({"params": params}, x_in, t, train=use_dropout, rngs=rngs).sample
 
     def step(state: TrainState, batch: jax.Array, key: jax.Array):
         x0 = jax.lax.with_sharding_constraint(to_model_input(batch), by_batch)
@@ -245,14 +286,23 @@ def make_train_step(
         )
         return new_state, metrics
 
-    jitted = jax.jit(
-        step,
-        in_shardings=(replicated, by_batch, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,) if donate else (),
-        compiler_options=compiler_options(),
-    )
-    return TrainStep(jitted, mesh)
+    def steps(state: TrainState, batches: jax.Array, keys: jax.Array):
+        def body(s, xs):
+            return step(s, *xs)
+
+        return jax.lax.scan(body, state, (batches, keys))
+
+    def jit(fn, batch_sharding):
+        return jax.jit(
+            fn,
+            in_shardings=(replicated, batch_sharding, replicated),
+            out_shardings=(replicated, replicated),
+            donate_argnums=(0,) if donate else (),
+            compiler_options=compiler_options(),
+        )
+
+    by_step_and_batch = NamedSharding(mesh, PartitionSpec(None, "batch"))
+    return TrainStep(jit(step, by_batch), jit(steps, by_step_and_batch), mesh)
 
 
 def replicate_state(state: TrainState, mesh: Mesh) -> TrainState:

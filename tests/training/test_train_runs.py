@@ -6,6 +6,9 @@ One module fixture runs, on the same 16 images (8x8) and config:
 * ``b``: the same run killed with SIGKILL once its first checkpoint exists, then resumed;
 * ``d``: the same run on 8 fake CPU devices (``--xla_force_host_platform_device_count=8``).
 
+With a checkpoint every 5 steps and ``--steps-per-call 4`` each run alternates a scan of 4 steps
+and a single step, so both compiled programs are in every comparison.
+
 The runs share a persistent XLA compilation cache, so ``b`` reuses ``a``'s compiled step.
 """
 
@@ -48,7 +51,7 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
         "--resolution", "8", "--batch", "8", "--steps", str(STEPS), "--lr", "1e-3",
         "--warmup", "5", "--model", "tiny", "--checkpoint-every", "5", "--keep", "2",
         "--sample-every", "0", "--sample-count", "4", "--sample-steps", "4", "--log-every", "5",
-        "--ema-decay", "0.99", "--no-progress", *extra,
+        "--ema-decay", "0.99", "--steps-per-call", "4", "--no-progress", *extra,
     ]  # fmt: skip
 
 
