@@ -202,6 +202,22 @@ def test_train_without_torch_has_no_ratio(tmp_path):
     assert [(r["jaxdiff"], r["pytorch"], r["ratio"]) for r in rows] == [(32.0, None, None)]
 
 
+def test_train_rows_name_the_steps_per_call(tmp_path):
+    """bench_train's default: K steps per call, with one call per step beside it."""
+    result = train_result()
+    result["jaxdiff"]["steps_per_call"] = 8
+    result["jaxdiff_one_call_per_step"] = {**result["jaxdiff"], "images_per_s": 16.0}
+    result["jaxdiff_one_call_per_step"]["steps_per_call"] = 1
+    write_results("train", result, [], out=tmp_path)
+    rows, _ = suite.collect([tmp_path / f"train_{DEVICE}.json"])
+    what = "train step, cats-32 UNet, batch 32, 32x32"
+    assert [(r["measure"], r["ratio"]) for r in rows] == [
+        (f"{what}, fp32, 8 steps per call", 0.5),
+        (f"{what}, fp32, one call per step", 0.25),
+        (f"{what}, jaxdiff bf16, 8 steps per call vs PyTorch fp32", 1.0),
+    ]
+
+
 def test_measures_convention_and_unknown_stem(tmp_path):
     """A new script (e.g. bench_sd_pipeline) needs no extractor when it writes ``measures``."""
     result = {
