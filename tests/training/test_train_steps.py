@@ -15,10 +15,19 @@ from jaxdiff.training import TrainConfig, train
 from jaxdiff.training.loop import MODEL_PRESETS, _LossLog
 from jaxdiff.training.train_state import TrainState, make_optimizer, make_train_step
 
+# One level, no attention: what the tests need (a conv net with gradients), quick to compile.
+SMALL = {
+    "block_out_channels": (8,),
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "down_block_types": ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",),
+}
+
 
 @pytest.fixture(scope="module")
 def tiny():
-    unet = UNet2DModel(**MODEL_PRESETS["tiny"], sample_size=8)
+    unet = UNet2DModel(**{**MODEL_PRESETS["tiny"], **SMALL}, sample_size=8)
     optimizer = make_optimizer(1e-3, 2, 10)
     scheduler = DDPMScheduler(num_train_timesteps=100)
     step = make_train_step(unet, scheduler, optimizer, ema_decay=0.9, donate=False)
@@ -93,6 +102,7 @@ def test_train_runs_the_same_with_and_without_steps_per_call(tmp_path):
             batch=4,
             steps=7,  # with k = 3: calls of 3, 3 and 1 steps
             model="tiny",
+            unet_config=SMALL,
             warmup=2,
             lr=1e-3,
             log_every=2,
