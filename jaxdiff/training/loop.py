@@ -533,20 +533,18 @@ def train(config: TrainConfig) -> TrainResult:
                 stops.append((step // every + 1) * every)
         return min(stops)
 
-    def fold_keys(first: int, n: int) -> jax.Array:
-        return jax.vmap(lambda s: jax.random.fold_in(train_key, s))(jnp.arange(first, first + n))
-
+    fold_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))  # step s: fold_in(train_key, s)
     log = _LossLog(config.log_every, config.steps, start)
     step = start
     while step < config.steps:
         # steps_per_call steps in one call where no checkpoint or sample falls inside them
         n = config.steps_per_call if events_after(step) - step >= config.steps_per_call else 1
+        keys = fold_keys(train_key, jnp.arange(step, step + n))
         if n == 1:
-            key = jax.random.fold_in(train_key, step)
-            state, metrics = step_fn(state, batches.uint8_batch(step), key)
+            state, metrics = step_fn(state, batches.uint8_batch(step), keys[0])
         else:
             chunk = np.stack([batches.uint8_batch(s) for s in range(step, step + n)])
-            state, metrics = step_fn.steps(state, chunk, fold_keys(step, n))
+            state, metrics = step_fn.steps(state, chunk, keys)
         done = step + n
         bar.update(n)
         final = done == config.steps
